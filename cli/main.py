@@ -1,0 +1,160 @@
+"""The ``superswallow`` command line: a thin typer layer over the library.
+
+It parses options, calls the library, draws progress, and maps user errors
+(:class:`~superswallow_jax.errors.SuperswallowError`) to a one-line message
+and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Memory-mapped, streaming LLM weight merger in JAX (mergekit YAML configs).",
+)
+
+
+def _fail(err: Exception) -> None:
+    code = getattr(err, "exit_code", 2)
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(code)
+
+
+def _dtype_code(name: Optional[str]) -> Optional[str]:
+    if name is None:
+        return None
+    from superswallow_jax.config import DTYPE_NAMES
+    from superswallow_jax.errors import ConfigError
+
+    key = name.removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise ConfigError(f"--out-dtype: unsupported dtype {name!r} (use float32, float16 or bfloat16)")
+    return DTYPE_NAMES[key]
+
+
+@app.command()
+def merge(
+    config: Path = typer.Argument(..., help="mergekit YAML config"),
+    out: Path = typer.Argument(..., help="output model folder"),
+    seed: int = typer.Option(0, help="seed for random masks (DARE); same seed -> same bytes"),
+    shard_size: str = typer.Option("5B", help="max bytes per output shard (decimal K/M/B suffixes)"),
+    out_dtype: Optional[str] = typer.Option(None, help="override the config's out_dtype"),
+    force: bool = typer.Option(False, help="write into a non-empty output folder"),
+    chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 4M)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Merge the models of CONFIG into the folder OUT."""
+    from superswallow_jax.config import load_config
+    from superswallow_jax.errors import SuperswallowError
+    from superswallow_jax.io.writer import parse_size
+    from superswallow_jax.merge import run_merge
+
+    try:
+        cfg = load_config(config)
+        size = parse_size(shard_size)
+        progress_ctx = None
+        bar = {}
+
+        def on_plan(plan):
+            if quiet:
+                return
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+            nonlocal progress_ctx
+            progress_ctx = Progress(
+                "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(), transient=False,
+            )
+            progress_ctx.start()
+            bar["task"] = progress_ctx.add_task(f"merging {len(plan.steps)} tensors", total=plan.total_input_bytes)
+
+        def on_progress(n):
+            if progress_ctx is not None:
+                progress_ctx.advance(bar["task"], n)
+
+        try:
+            res = run_merge(
+                cfg, out, seed=seed, shard_size=size, out_dtype=_dtype_code(out_dtype), force=force,
+                chunk_elems=chunk_elems, progress=on_progress, on_plan=on_plan,
+            )
+        finally:
+            if progress_ctx is not None:
+                progress_ctx.stop()
+        typer.echo(f"wrote {res.tensors} tensors ({res.bytes_written / 1e6:.1f} MB) to {res.out_dir}")
+    except SuperswallowError as e:
+        _fail(e)
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="mergekit YAML config"),
+    as_json: bool = typer.Option(False, "--json", help="print the full plan as JSON"),
+    shard_size: str = typer.Option("5B", help="max bytes per output shard"),
+) -> None:
+    """Explain what a merge would do, without reading tensor data or writing anything."""
+    from superswallow_jax.config import load_config
+    from superswallow_jax.errors import SuperswallowError
+    from superswallow_jax.io.writer import parse_size
+    from superswallow_jax.merge import dumps_plan
+    from superswallow_jax.plan import build_plan, describe_params
+
+    try:
+        p = build_plan(load_config(config), shard_size=parse_size(shard_size))
+    except SuperswallowError as e:
+        _fail(e)
+        return
+    if as_json:
+        typer.echo(dumps_plan(p))
+        return
+    base = p.models[p.base_model].key if p.base_model is not None else "none"
+    typer.echo(f"method: {p.method.name}   architecture: {p.arch.name}   base: {base}")
+    for i, m in enumerate(p.models):
+        typer.echo(f"model[{i}]: {m.key} -> {m.dir}")
+    if p.tokenizer is not None:
+        typer.echo(f"tokenizer: {p.config.tokenizer.source}, output vocab {len(p.tokenizer.tokens)} (padded {p.tokenizer.padded_vocab_size})")
+    typer.echo(f"{len(p.steps)} tensors, {p.total_input_bytes / 1e6:.1f} MB in, {p.total_output_bytes / 1e6:.1f} MB out, {len(p.shards)} shard(s)")
+    for s in p.steps:
+        g = describe_params(s.params)
+        typer.echo(f"{s.name} {list(s.shape)} {s.out_dtype} t={s.t:.4f}{' embed' if s.embed else ''}{'  ' + g if g else ''}")
+        for i, src in enumerate(s.sources):
+            role = "base " if i == s.base else ""
+            pm = describe_params(src.params)
+            typer.echo(f"    <- {role}{p.models[src.model].key}:{src.tensor.name}  {pm}".rstrip())
+
+
+@app.command()
+def tiny(
+    out: Path = typer.Argument(Path("models"), help="folder for the tiny models"),
+    preset: str = typer.Option("tiny", help="tiny (seconds) or 1.3gb (a ~1.3 GB pair for speed/memory work)"),
+    seed: int = typer.Option(0, help="generator seed"),
+) -> None:
+    """Make tiny Llama-shaped checkpoints (llama, swallow, tulu, hermes) locally."""
+    from superswallow_jax.errors import SuperswallowError
+    from superswallow_jax.tiny import make_tiny_models
+
+    try:
+        made = make_tiny_models(out, preset=preset, seed=seed, progress=lambda msg: typer.echo(msg))
+    except SuperswallowError as e:
+        _fail(e)
+        return
+    for name, path in made.items():
+        typer.echo(f"{name}: {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""mergekit YAML -> typed, frozen :class:`MergeConfig`, validated at load time.
+
+Every error names the config file and the key path (``slices[0].sources[1].
+layer_range``). Parameters are checked against the method's parameter list:
+an unknown parameter name is an error, since a typo would otherwise silently
+fall back to a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+from .methods.registry import METHODS, MethodSpec, get_method
+from .params import Setting, parse_setting
+
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One input model (or one layer range of it) with its own parameters."""
+
+    model: str
+    layer_range: tuple[int, int] | None
+    parameters: Mapping[str, Setting]
+    where: str
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One output slice: its sources, optional slice base model and parameters."""
+
+    sources: tuple[SourceSpec, ...]
+    base_model: str | None
+    parameters: Mapping[str, Setting]
+    where: str
+
+
+@dataclass(frozen=True)
+class TokenOverrideSpec:
+    """A ``tokenizer.tokens`` entry: where the token's embedding comes from."""
+
+    token: str
+    source: Any  # model ref string, {"kind": "zero"} or {"kind": "model_token", ...}
+    force: bool
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    source: str  # "base", "union" or a model reference
+    tokens: tuple[TokenOverrideSpec, ...] = ()
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A validated merge configuration."""
+
+    merge_method: str
+    method: MethodSpec
+    slices: tuple[SliceSpec, ...] | None
+    models: tuple[SourceSpec, ...] | None
+    base_model: str | None
+    parameters: Mapping[str, Setting]
+    dtype: str | None  # safetensors code
+    out_dtype: str | None
+    tokenizer: TokenizerSpec | None
+    chat_template: str | None
+    text: str
+    path: Path | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def referenced_models(self) -> tuple[str, ...]:
+        """All model references in config order (base first if set), unique."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for s in self.models or ():
+            seen[s.model] = None
+        for sl in self.slices or ():
+            if sl.base_model:
+                seen[sl.base_model] = None
+            for s in sl.sources:
+                seen[s.model] = None
+        return tuple(seen)
+
+
+TOP_KEYS = {
+    "models", "slices", "modules", "merge_method", "base_model", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "chat_template", "parameters",
+}
+
+
+def _model_ref(raw: object, where: str) -> str:
+    if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], str):
+        # mergekit's expanded ModelReference form {model: path, revision?: ...}
+        raw = raw["model"]
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigError(f"{where}: model reference must be a non-empty string")
+    if "+" in raw:
+        raise ConfigError(f"{where}: LoRA model references ({raw!r}) are not supported")
+    return raw.strip()
+
+
+def _params(raw: object, where: str, method: MethodSpec, allowed: Mapping[str, Any]) -> Mapping[str, Setting]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping of parameter names to values")
+    out = {}
+    for k, v in raw.items():
+        if k not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise ConfigError(
+                f"{where}.{k}: unknown parameter for merge_method {method.name} (known: {known})"
+            )
+        out[k] = parse_setting(v, f"{where}.{k}")
+    return out
+
+
+def _dtype(raw: object, where: str) -> str | None:
+    if raw is None:
+        return None
+    name = str(raw).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"{where}: unsupported dtype {raw!r} (use float32, float16 or bfloat16)")
+    return DTYPE_NAMES[name]
+
+
+def _layer_range(raw: object, where: str) -> tuple[int, int]:
+    if (
+        not isinstance(raw, list)
+        or len(raw) != 2
+        or not all(type(x) is int for x in raw)
+        or raw[0] < 0
+        or raw[1] <= raw[0]
+    ):
+        raise ConfigError(f"{where}: must be [start, end] with 0 <= start < end")
+    return (raw[0], raw[1])
+
+
+def _source(raw: object, where: str, method: MethodSpec, need_range: bool) -> SourceSpec:
+    if isinstance(raw, str):
+        raw = {"model": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping with 'model'")
+    allowed = {"model", "parameters"} | ({"layer_range"} if need_range else set())
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    if "model" not in raw:
+        raise ConfigError(f"{where}.model: missing")
+    lr = None
+    if need_range:
+        if "layer_range" not in raw:
+            raise ConfigError(f"{where}.layer_range: missing")
+        lr = _layer_range(raw["layer_range"], f"{where}.layer_range")
+    params = _params(raw.get("parameters"), f"{where}.parameters", method, method.per_model)
+    return SourceSpec(_model_ref(raw["model"], f"{where}.model"), lr, params, where)
+
+
+def _tokenizer(data: Mapping[str, Any], file: str) -> TokenizerSpec | None:
+    ts = data.get("tokenizer_source")
+    tb = data.get("tokenizer")
+    if ts is not None and tb is not None:
+        raise ConfigError(f"{file}: tokenizer_source and tokenizer cannot both be set")
+    if ts is not None:
+        return TokenizerSpec(_tok_source(ts, f"{file}: tokenizer_source"))
+    if tb is None:
+        return None
+    if not isinstance(tb, dict):
+        raise ConfigError(f"{file}: tokenizer: must be a mapping")
+    unknown = set(tb) - {"source", "tokens", "pad_to_multiple_of"}
+    if unknown:
+        raise ConfigError(f"{file}: tokenizer.{sorted(unknown)[0]}: unknown key")
+    source = _tok_source(tb.get("source", "union"), f"{file}: tokenizer.source")
+    pad = tb.get("pad_to_multiple_of")
+    if pad is not None and (type(pad) is not int or pad <= 0):
+        raise ConfigError(f"{file}: tokenizer.pad_to_multiple_of: must be a positive integer")
+    tokens = []
+    raw_tokens = tb.get("tokens") or {}
+    if not isinstance(raw_tokens, dict):
+        raise ConfigError(f"{file}: tokenizer.tokens: must map token strings to {{source, force}}")
+    for tok, spec in raw_tokens.items():
+        w = f"{file}: tokenizer.tokens.{tok}"
+        if not isinstance(spec, dict) or set(spec) - {"source", "force"}:
+            raise ConfigError(f"{w}: must be a mapping with keys source and force")
+        src = spec.get("source")
+        if src is None:
+            raise ConfigError(f"{w}.source: missing")
+        if isinstance(src, dict):
+            kind = src.get("kind")
+            if kind == "zero":
+                pass
+            elif kind == "model_token":
+                if "model" not in src or ("token_id" not in src and "token" not in src):
+                    raise ConfigError(f"{w}.source: model_token needs model and token_id or token")
+                src = {**src, "model": _model_ref(src["model"], f"{w}.source.model")}
+            else:
+                raise ConfigError(f"{w}.source.kind: expected zero or model_token, got {kind!r}")
+        else:
+            src = _model_ref(src, f"{w}.source")
+        force = spec.get("force", False)
+        if not isinstance(force, bool):
+            raise ConfigError(f"{w}.force: must be true or false")
+        tokens.append(TokenOverrideSpec(str(tok), src, force))
+    return TokenizerSpec(source, tuple(tokens), pad)
+
+
+def _tok_source(raw: object, where: str) -> str:
+    if raw in ("base", "union"):
+        return str(raw)
+    if isinstance(raw, str) and raw.startswith("model:"):
+        raw = raw[len("model:"):]
+    return _model_ref(raw, where)
+
+
+def parse_config(text: str, path: Path | None = None) -> MergeConfig:
+    """Parse and validate YAML text. ``path`` is only used in error messages."""
+    file = str(path) if path else "<config>"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{file}: invalid YAML{loc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: top level must be a mapping")
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{file}: {sorted(unknown)[0]}: unknown top-level key")
+    if "merge_method" not in data:
+        raise ConfigError(f"{file}: merge_method: missing")
+    method = get_method(data["merge_method"], f"{file}: merge_method")
+    present = [k for k in ("models", "slices", "modules") if data.get(k) is not None]
+    if len(present) != 1:
+        raise ConfigError(f"{file}: exactly one of models, slices or modules must be set (found {present or 'none'})")
+    if present[0] == "modules":
+        raise ConfigError(f"{file}: modules: the per-module form is not supported yet; use models or slices")
+    base = data.get("base_model")
+    base = _model_ref(base, f"{file}: base_model") if base is not None else None
+    gparams = _params(data.get("parameters"), f"{file}: parameters", method, method.params)
+    models = slices = None
+    if present[0] == "models":
+        raw = data["models"]
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{file}: models: must be a non-empty list")
+        models = tuple(_source(m, f"{file}: models[{i}]", method, False) for i, m in enumerate(raw))
+    else:
+        raw = data["slices"]
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{file}: slices: must be a non-empty list")
+        out = []
+        for i, sl in enumerate(raw):
+            w = f"{file}: slices[{i}]"
+            if not isinstance(sl, dict) or "sources" not in sl:
+                raise ConfigError(f"{w}.sources: missing")
+            unknown = set(sl) - {"sources", "base_model", "parameters", "residual_weight"}
+            if unknown:
+                raise ConfigError(f"{w}.{sorted(unknown)[0]}: unknown key")
+            srcs = sl["sources"]
+            if not isinstance(srcs, list) or not srcs:
+                raise ConfigError(f"{w}.sources: must be a non-empty list")
+            sources = tuple(_source(s, f"{w}.sources[{j}]", method, True) for j, s in enumerate(srcs))
+            spans = {s.layer_range[1] - s.layer_range[0] for s in sources}  # type: ignore[index]
+            if len(spans) != 1:
+                raise ConfigError(f"{w}.sources: all sources must span the same number of layers")
+            sb = sl.get("base_model")
+            sb = _model_ref(sb, f"{w}.base_model") if sb is not None else None
+            out.append(SliceSpec(sources, sb, _params(sl.get("parameters"), f"{w}.parameters", method, method.params), w))
+        slices = tuple(out)
+    chat = data.get("chat_template")
+    if chat is not None and not isinstance(chat, str):
+        raise ConfigError(f"{file}: chat_template: must be a string")
+    return MergeConfig(
+        merge_method=method.name,
+        method=method,
+        slices=slices,
+        models=models,
+        base_model=base,
+        parameters=gparams,
+        dtype=_dtype(data.get("dtype"), f"{file}: dtype"),
+        out_dtype=_dtype(data.get("out_dtype"), f"{file}: out_dtype"),
+        tokenizer=_tokenizer(data, file),
+        chat_template=chat,
+        text=text,
+        path=path,
+    )
+
+
+def load_config(path: Path) -> MergeConfig:
+    """Read and validate a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config ({type(e).__name__})") from None
+    return parse_config(text, path)
+
+
+__all__ = ["MergeConfig", "SliceSpec", "SourceSpec", "TokenizerSpec", "TokenOverrideSpec", "load_config", "parse_config", "METHODS"]

@@ -1,0 +1,183 @@
+"""Hugging Face model folders: finding them, reading config.json, preparing output.
+
+Model references resolve to local folders, never the network:
+
+1. an existing directory path (absolute, or relative to the working directory)
+   is used as is;
+2. otherwise a reference of the form ``org/name`` (optionally ``@revision``) is
+   looked up in the model cache: ``$SUPERSWALLOW_MODEL_CACHE/org/name``
+   (or ``org--name``), then the Hugging Face hub cache
+   (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``) in its
+   ``models--org--name/snapshots/<rev>/`` layout, where ``<rev>`` comes from
+   ``refs/<revision or main>``.
+
+Download a model once with ``huggingface-cli download org/name`` (or copy it)
+and superswallow finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import ModelError, OutputError
+
+
+def _cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("SUPERSWALLOW_MODEL_CACHE"):
+        dirs.append(Path(os.environ["SUPERSWALLOW_MODEL_CACHE"]).expanduser())
+    return dirs
+
+
+def _hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """Map a model reference to an existing local folder, or raise ModelError."""
+    path, _, revision = ref.partition("@")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    looked = [str(p)]
+    parts = path.split("/")
+    if len(parts) == 2 and all(parts):
+        org, name = parts
+        for c in _cache_dirs():
+            for cand in (c / org / name, c / f"{org}--{name}"):
+                looked.append(str(cand))
+                if cand.is_dir():
+                    return cand.resolve()
+        hub = _hub_cache() / f"models--{org}--{name}"
+        refs = hub / "refs" / (revision or "main")
+        looked.append(str(hub))
+        if refs.is_file():
+            snap = hub / "snapshots" / refs.read_text().strip()
+            if snap.is_dir():
+                return snap.resolve()
+        if revision and (hub / "snapshots" / revision).is_dir():
+            return (hub / "snapshots" / revision).resolve()
+    raise ModelError(
+        f"model {ref!r} not found locally (looked in: {', '.join(looked)}); "
+        "download it first or set SUPERSWALLOW_MODEL_CACHE"
+    )
+
+
+def read_model_config(model_dir: Path) -> dict:
+    """Parse ``config.json`` of a model folder."""
+    path = Path(model_dir) / "config.json"
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing (every model folder needs a config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: must be a JSON object")
+    return obj
+
+
+def prepare_output_dir(out_dir: Path, inputs: Mapping[str, Path], force: bool) -> Path:
+    """Check that ``out_dir`` is safe to write and create it.
+
+    Refuses a folder that is, contains, or lies inside an input model folder, and
+    a non-empty folder unless ``force``. Returns the resolved path.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    for ref, inp in inputs.items():
+        inp = inp.resolve()
+        if out == inp or inp in out.parents or out in inp.parents:
+            raise OutputError(f"{out_dir}: refusing to write over input model {ref!r} ({inp})")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"{out_dir}: directory is not empty (use --force to overwrite)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def clear_previous_merge(out: Path) -> None:
+    """With --force: remove weight files and the index of an earlier merge."""
+    for p in out.iterdir():
+        if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")):
+            p.unlink()
+
+
+def make_staging_dir(out: Path) -> Path:
+    """A fresh hidden folder inside ``out`` for temporary files."""
+    staging = out / f".superswallow-tmp-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def looks_like_hf_id(ref: str) -> bool:
+    """mergekit's rule: local if it starts with / or ~ or has more than one '/'."""
+    path = ref.partition("@")[0]
+    return not (path.startswith(("/", "~", ".")) or path.count("/") != 1)
+
+
+def model_card(name: str, method_pretty: str, method_ref: str, base: str | None, others: list[str], config_text: str, show_base: bool) -> str:
+    """A README.md model card holding the merge config (mergekit's layout)."""
+    hf = [m for m in ([base] if base else []) + others if looks_like_hf_id(m)]
+    front = ["---"]
+    if hf:
+        front.append("base_model:")
+        front += [f"- {m}" for m in hf]
+    front += ["library_name: transformers", "tags:", "- mergekit", "- merge", "- superswallow_jax", "---"]
+
+    def link(m: str) -> str:
+        return f"[{m}](https://huggingface.co/{m})" if looks_like_hf_id(m) else m
+
+    method = f"[{method_pretty}]({method_ref})" if method_ref else method_pretty
+    base_clause = f" using {link(base)} as a base" if (base and show_base) else ""
+    lines = front + [
+        f"# {name}",
+        "",
+        "This is a merge of pre-trained language models created with "
+        "[superswallow_jax](https://github.com/), which reads "
+        "[mergekit](https://github.com/arcee-ai/mergekit) configurations.",
+        "",
+        "## Merge Details",
+        "### Merge Method",
+        "",
+        f"This model was merged using the {method} merge method{base_clause}.",
+        "",
+        "### Models Merged",
+        "",
+        "The following models were included in the merge:",
+    ]
+    lines += [f"* {link(m)}" for m in others]
+    lines += [
+        "",
+        "### Configuration",
+        "",
+        "The following YAML configuration was used to produce this model:",
+        "",
+        "```yaml",
+        config_text.rstrip("\n"),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

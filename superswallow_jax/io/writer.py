@@ -1,0 +1,229 @@
+"""Streaming safetensors writer.
+
+The layout of every output shard is computed up front from ``(name, dtype,
+shape)``; tensor bytes are then written at their offsets with ``pwrite`` in
+any order, chunk by chunk, as they are produced. Files are written under
+temporary names inside a staging folder, fsynced, and renamed into place at
+:meth:`ShardedWriter.commit`; the index is renamed last, so a folder with an
+index is complete.
+
+The header is padded with spaces so that the data region starts at a 64-byte
+boundary (``jax.device_put`` on CPU shares 64-byte-aligned host memory).
+Tensors follow each other without gaps, as the format requires.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import OutputError
+from .reader import CODES, DTYPES, INDEX_NAME, SINGLE_NAME
+
+ALIGN = 64
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An output tensor: name, safetensors dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output file: its name, header bytes and each tensor's absolute offset."""
+
+    filename: str
+    header: bytes  # including the 8-byte length prefix and padding
+    offsets: Mapping[str, int]  # tensor name -> absolute file offset
+    size: int
+
+
+def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (length prefix + JSON + space padding) and absolute offsets."""
+    obj: dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = dict(metadata)
+    pos = 0
+    rel: dict[str, int] = {}
+    for s in specs:
+        obj[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        rel[s.name] = pos
+        pos += s.nbytes
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    total = 8 + len(body)
+    body += b" " * ((-total) % ALIGN)
+    head = len(body).to_bytes(8, "little") + body
+    return head, {k: len(head) + v for k, v in rel.items()}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a shard size: an int, or a decimal number with K/M/B/G suffix (10^3, 10^6, 10^9)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        t = str(text).strip().upper()
+        mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(t[-1:], 1)
+        num = t[:-1] if mult != 1 else t
+        try:
+            value = int(float(num) * mult)
+        except ValueError:
+            raise OutputError(f"--shard-size: cannot parse {text!r} (use e.g. 5B, 500M, 1000000)") from None
+    if value <= 0:
+        raise OutputError(f"--shard-size: must be positive, got {text!r}")
+    return value
+
+
+def assign_shards(specs: Sequence[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
+    """Split tensors in order into shards of at most ``shard_size`` bytes.
+
+    A shard is closed when adding the next tensor would exceed the limit and it
+    is non-empty; an oversized tensor gets a shard of its own (mergekit's rule).
+    """
+    shards: list[list[TensorSpec]] = [[]]
+    used = 0
+    for s in specs:
+        if shards[-1] and used + s.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(s)
+        used += s.nbytes
+    return shards
+
+
+def plan_layout(
+    shards: Sequence[Sequence[TensorSpec]], metadata: Mapping[str, str]
+) -> list[ShardLayout]:
+    """Compute every output file's name, header and tensor offsets."""
+    n = len(shards)
+    out = []
+    for i, specs in enumerate(shards):
+        name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        head, offsets = encode_header(specs, metadata)
+        size = len(head) + sum(s.nbytes for s in specs)
+        out.append(ShardLayout(name, head, offsets, size))
+    return out
+
+
+class ShardedWriter:
+    """Writes a planned set of shards into ``staging`` and moves them to ``out_dir``.
+
+    Usage: ``w = ShardedWriter(...)``; ``w.write(name, flat_offset, array)`` any
+    number of times (chunks of the flattened tensor, any order);
+    ``w.commit(extra_files)`` when done; ``w.abort()`` on error.
+    """
+
+    def __init__(self, out_dir: Path, staging: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec]):
+        self.out_dir = Path(out_dir)
+        self.staging = Path(staging)
+        self.layouts = list(layouts)
+        self._spec = {s.name: s for s in specs}
+        self._where: dict[str, tuple[int, int]] = {}
+        self._fds: list[int] = []
+        self._written = [0] * len(self.layouts)
+        for i, lay in enumerate(self.layouts):
+            for name, off in lay.offsets.items():
+                self._where[name] = (i, off)
+        for lay in self.layouts:
+            path = self.staging / lay.filename
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            try:
+                if hasattr(os, "posix_fallocate") and lay.size > 0:
+                    os.posix_fallocate(fd, 0, lay.size)
+                else:  # pragma: no cover - non-Linux
+                    os.ftruncate(fd, lay.size)
+            except OSError as e:
+                raise OutputError(f"{path}: cannot allocate {lay.size} bytes ({e.strerror})") from None
+            os.pwrite(fd, lay.header, 0)
+
+    def write(self, name: str, flat_offset: int, data: np.ndarray) -> None:
+        """Write ``data`` (C-contiguous, the tensor's dtype) at element ``flat_offset`` of ``name``."""
+        spec = self._spec[name]
+        dt = DTYPES[spec.dtype]
+        if data.dtype != dt:
+            raise TypeError(f"{name}: got {data.dtype}, planned {dt}")
+        shard, base = self._where[name]
+        end = flat_offset + data.size
+        if flat_offset < 0 or end > math.prod(spec.shape):
+            raise ValueError(f"{name}: write [{flat_offset}, {end}) outside the tensor")
+        buf = memoryview(np.ascontiguousarray(data)).cast("B")
+        pos = base + flat_offset * dt.itemsize
+        while len(buf):
+            n = os.pwrite(self._fds[shard], buf, pos)
+            buf = buf[n:]
+            pos += n
+        self._written[shard] += data.nbytes
+
+    def bytes_written(self) -> int:
+        return sum(self._written)
+
+    def close_files(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def commit(self, fsync: bool = True) -> list[Path]:
+        """fsync the shards, write the index, and rename everything into ``out_dir``.
+
+        Returns the final paths of the shard files and the index.
+        """
+        for lay, fd, n in zip(self.layouts, self._fds, self._written):
+            expected = lay.size - len(lay.header)
+            if n != expected:
+                raise RuntimeError(f"{lay.filename}: wrote {n} of {expected} data bytes")
+            if fsync:
+                os.fsync(fd)
+        self.close_files()
+        final = []
+        for lay in self.layouts:
+            dst = self.out_dir / lay.filename
+            os.replace(self.staging / lay.filename, dst)
+            final.append(dst)
+        return final
+
+    def abort(self) -> None:
+        self.close_files()
+
+
+def write_index(path: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> None:
+    """Write ``model.safetensors.index.json`` (total_size + weight_map, sorted by tensor name)."""
+    weight_map = {}
+    for lay in layouts:
+        for name in lay.offsets:
+            weight_map[name] = lay.filename
+    total = sum(s.nbytes for s in specs)
+    obj = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def np_code(dtype: np.dtype) -> str:
+    """safetensors dtype code of a numpy dtype."""
+    return CODES[np.dtype(dtype)]
+
+
+__all__ = [
+    "TensorSpec",
+    "ShardLayout",
+    "ShardedWriter",
+    "assign_shards",
+    "encode_header",
+    "parse_size",
+    "plan_layout",
+    "write_index",
+    "np_code",
+    "INDEX_NAME",
+]

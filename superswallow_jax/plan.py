@@ -1,0 +1,382 @@
+"""Config + file headers -> an immutable list of per-tensor steps (what to do).
+
+Planning reads only ``config.json``, tokenizer files and safetensors headers;
+no tensor data. Each :class:`Step` names its output tensor, the source tensors
+(file and byte offsets), the resolved per-model and global parameters, and its
+output shard. :func:`build_plan` follows mergekit 0.1.5:
+
+* ``models:`` becomes one output slice over all layers; a ``base_model`` not in
+  the list is appended as a source without parameters.
+* Pre-layer weights come from the first slice's sources, post-layer weights
+  from the last slice's; layer tensors are renumbered 0, 1, 2, ... across slices.
+* Parameters resolve source > output slice > global > method default. Per-model
+  parameters are matched against that model's *input* tensor name, global ones
+  against the output name. Gradients are evaluated at ``t = j / (n - 1)`` for
+  layer offset ``j`` in a slice of ``n`` layers (``t = 1`` if ``n == 1``) and at
+  ``t = 0`` for non-layer tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .architecture import Architecture, WeightTemplate, resolve_architecture
+from .config import MergeConfig, SliceSpec, SourceSpec
+from .errors import ConfigError, PlanError
+from .io.model_dir import read_model_config, resolve_model_dir
+from .io.reader import DTYPES, Checkpoint, TensorInfo
+from .io.writer import TensorSpec, assign_shards
+from .methods.registry import REQUIRED, MethodSpec
+from .params import Setting
+
+CODE_TO_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclass
+class ModelInput:
+    """One referenced model: its config key, folder, config.json and weights."""
+
+    key: str
+    dir: Path
+    config: dict
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input tensor of a step."""
+
+    model: int  # index into Plan.models (stable: config order) -- also the PRNG key index
+    tensor: TensorInfo
+    params: Mapping[str, Any]  # resolved per-model parameters
+
+
+@dataclass(frozen=True)
+class Step:
+    """One output tensor: where its inputs are and how to merge them."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str  # safetensors code written
+    work_dtype: str  # dtype the math rounds to
+    sources: tuple[Source, ...]
+    base: int | None  # position in ``sources`` of the base model
+    params: Mapping[str, Any]  # resolved global parameters
+    embed: bool  # rows aligned to the output vocabulary
+    t: float
+    layer: int | None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.out_dtype].itemsize
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(s.tensor.nbytes for s in self.sources)
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: MergeConfig
+    method: MethodSpec
+    models: tuple[ModelInput, ...]
+    base_model: int | None  # index into models
+    arch: Architecture
+    steps: tuple[Step, ...]
+    shards: tuple[tuple[str, ...], ...]  # tensor names per output shard
+    out_config: Mapping[str, Any]
+    tokenizer: Any = None  # tokenizer.OutputTokenizer or None
+    alignment: Any = None  # tokenizer.EmbeddingAlignment or None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def total_input_bytes(self) -> int:
+        return sum(s.input_bytes for s in self.steps)
+
+    @property
+    def total_output_bytes(self) -> int:
+        return sum(s.nbytes for s in self.steps)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def _coerce(value: Any, typ: type, where: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)):
+            return bool(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+
+
+def _eval_levels(levels: Sequence[tuple[Mapping[str, Setting], str]], pname: str, name: str, t: float):
+    for params, where in levels:
+        s = params.get(pname)
+        if s is not None:
+            v = s.evaluate(name, t)
+            if v is not None:
+                return v, f"{where}.{pname}"
+    return None, None
+
+
+def _resolve_model_params(
+    method: MethodSpec, sl: SliceSpec | None, cfg: MergeConfig, src: SourceSpec | None,
+    in_name: str, t: float, is_base: bool, label: str,
+) -> dict[str, Any]:
+    out = {}
+    for pname, p in method.per_model.items():
+        levels = []
+        if src is not None:
+            levels.append((src.parameters, src.where + ".parameters"))
+        if sl is not None:
+            levels.append((sl.parameters, sl.where + ".parameters"))
+        levels.append((cfg.parameters, "parameters"))
+        v, where = _eval_levels(levels, pname, in_name, t)
+        if v is None:
+            if p.required:
+                if is_base and method.kind == "gta":
+                    continue
+                raise ConfigError(f"missing required parameter {pname!r} for model {label} at tensor {in_name}")
+            v, where = p.default, "default"
+        out[pname] = v if v is None else _coerce(v, p.type, f"{where} (model {label}, tensor {in_name})")
+    return out
+
+
+def _resolve_global_params(method: MethodSpec, sl: SliceSpec | None, cfg: MergeConfig, out_name: str, t: float) -> dict[str, Any]:
+    out = {}
+    for pname, p in method.global_.items():
+        levels = ([(sl.parameters, sl.where + ".parameters")] if sl is not None else []) + [(cfg.parameters, "parameters")]
+        v, where = _eval_levels(levels, pname, out_name, t)
+        if v is None:
+            if p.required:
+                raise ConfigError(f"missing required parameter {pname!r} at tensor {out_name}")
+            v, where = p.default, "default"
+        out[pname] = _coerce(v, p.type, f"{where} (tensor {out_name})")
+    return out
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_models(cfg: MergeConfig) -> tuple[ModelInput, ...]:
+    """Resolve and open every referenced model (headers only)."""
+    out = []
+    for ref in cfg.referenced_models():
+        d = resolve_model_dir(ref)
+        out.append(ModelInput(ref, d, read_model_config(d), Checkpoint(d)))
+    return tuple(out)
+
+
+def _promote(codes: Sequence[str]) -> str:
+    """torch-style promotion of float dtype codes (bf16 + f16 -> f32)."""
+    s = set(codes)
+    if len(s) == 1:
+        return codes[0]
+    if "F64" in s:
+        return "F64"
+    return "F32"
+
+
+@dataclass(frozen=True)
+class _SliceSources:
+    slice: SliceSpec | None
+    sources: tuple[tuple[int, SourceSpec | None, int], ...]  # (model index, spec, first layer)
+    base: int | None  # model index
+    num_layers: int
+
+
+def _normalize(cfg: MergeConfig, models: Sequence[ModelInput], arch: Architecture) -> list[_SliceSources]:
+    index = {m.key: i for i, m in enumerate(models)}
+    nl = [arch.num_layers(m.config, m.checkpoint.tensors) for m in models]
+    if cfg.models is not None:
+        entries = [(index[s.model], s, 0) for s in cfg.models]
+        base = index[cfg.base_model] if cfg.base_model else None
+        if base is not None and base not in [e[0] for e in entries]:
+            entries.append((base, None, 0))
+        layers = {nl[e[0]] for e in entries}
+        if len(layers) != 1:
+            detail = ", ".join(f"{models[e[0]].key}: {nl[e[0]]}" for e in entries)
+            raise PlanError(f"models: all models must have the same number of layers ({detail})")
+        return [_SliceSources(None, tuple(entries), base, layers.pop())]
+    out = []
+    for sl in cfg.slices or ():
+        entries = []
+        for s in sl.sources:
+            a, b = s.layer_range  # type: ignore[misc]
+            m = index[s.model]
+            if b > nl[m]:
+                raise ConfigError(f"{s.where}.layer_range: [{a}, {b}) exceeds the {nl[m]} layers of {s.model}")
+            entries.append((m, s, a))
+        bref = sl.base_model or cfg.base_model
+        base = index[bref] if bref else None
+        if base is not None and base not in [e[0] for e in entries]:
+            base = None  # base not among this slice's sources: the slice has no base
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]  # type: ignore[index]
+        out.append(_SliceSources(sl, tuple(entries), base, n))
+    return out
+
+
+def _find(ckpt: Checkpoint, w: WeightTemplate) -> TensorInfo | None:
+    for n in (w.name, *w.aliases, *w.tied_names):
+        if n in ckpt.tensors:
+            return ckpt.tensors[n]
+    return None
+
+
+def _has_direct(ckpt: Checkpoint, w: WeightTemplate) -> bool:
+    return any(n in ckpt.tensors for n in (w.name, *w.aliases))
+
+
+def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, shard_size: int = 5_000_000_000,
+               out_dtype: str | None = None) -> Plan:
+    """Build the full plan. ``out_dtype`` (a dtype code) overrides the config's."""
+    from . import tokenizer as tok_mod
+
+    models = tuple(models) if models is not None else load_models(cfg)
+    method = cfg.method
+    arch = resolve_architecture(
+        [m.config for m in models], [list(m.checkpoint.tensors) for m in models], [m.key for m in models]
+    )
+    slices = _normalize(cfg, models, arch)
+    index = {m.key: i for i, m in enumerate(models)}
+    base_model = index[cfg.base_model] if cfg.base_model else None
+    if method.base == "required" and any(s.base is None for s in slices):
+        if cfg.base_model is None:
+            raise ConfigError(f"base_model: merge_method {method.name} needs a base model")
+        raise ConfigError(f"base_model: {cfg.base_model} is not a source of every slice")
+    if method.kind == "passthrough":
+        for s in slices:
+            if len(s.sources) != 1:
+                where = s.slice.where if s.slice else "models"
+                raise ConfigError(f"{where}: passthrough takes exactly one model per slice, got {len(s.sources)}")
+
+    # ---- tokenizer
+    tokenizer = alignment = None
+    notes: list[str] = []
+    if cfg.tokenizer is not None:
+        tok_base = base_model if base_model is not None else 0
+        order = [tok_base] + [i for i in range(len(models)) if i != tok_base]
+        mtoks = {}
+        for i in order:
+            vs = models[i].config.get("vocab_size")
+            mtoks[i] = tok_mod.load_model_tokenizer(models[i].dir, vs if isinstance(vs, int) else None)
+        source = cfg.tokenizer.source
+        if source not in ("base", "union"):
+            if source not in index:
+                raise ConfigError(f"tokenizer source: {source!r} is not one of the merged models")
+        overrides = tok_mod.overrides_from_config(cfg.tokenizer.tokens, [m.key for m in models])
+        ordered_keys = [models[i].key for i in order]
+        tokenizer = tok_mod.build_output_tokenizer(
+            source, mtoks[order[0]], [mtoks[i] for i in order[1:]], ordered_keys, overrides, cfg.tokenizer.pad_to_multiple_of,
+        )
+        alignment = tok_mod.align_embeddings(
+            tokenizer, [mtoks[i] for i in range(len(models))], [m.key for m in models], base_model, overrides,
+        )
+
+    # ---- steps
+    dtype = cfg.dtype
+    forced_out = out_dtype or cfg.out_dtype
+    steps: list[Step] = []
+
+    def make_step(out_name: str, w: WeightTemplate, sl: _SliceSources, layer_of: Mapping[int, int] | None, t: float, out_layer: int | None) -> None:
+        srcs: list[tuple[int, SourceSpec | None, TensorInfo]] = []
+        for m, spec, first in sl.sources:
+            wt = w.at(first + layer_of[m]) if layer_of is not None else w
+            info = _find(models[m].checkpoint, wt)
+            if info is None:
+                if w.optional:
+                    continue
+                raise PlanError(f"model {models[m].key}: tensor {wt.name} is missing ({models[m].dir})")
+            srcs.append((m, spec, info))
+        if not srcs:
+            return
+        if w.optional and not any(_has_direct(models[m].checkpoint, (w.at(first + layer_of[m]) if layer_of is not None else w)) for m, _, first in sl.sources):
+            return
+        for m, _, info in srcs:
+            if info.dtype not in FLOAT_CODES:
+                raise PlanError(f"model {models[m].key}: tensor {info.name} has non-float dtype {info.dtype}")
+        embed = w.is_embed and alignment is not None
+        shapes = {info.shape for _, _, info in srcs}
+        if embed:
+            hidden = {info.shape[1:] for _, _, info in srcs}
+            if len(hidden) != 1 or any(len(info.shape) != 2 for _, _, info in srcs):
+                detail = ", ".join(f"{models[m].key}: {list(info.shape)}" for m, _, info in srcs)
+                raise PlanError(f"tensor {out_name}: embedding shapes differ beyond the vocabulary axis ({detail})")
+            shape = (alignment.rows, *hidden.pop())
+        else:
+            if len(shapes) != 1:
+                detail = ", ".join(f"{models[m].key}: {list(info.shape)}" for m, _, info in srcs)
+                hint = " (set tokenizer_source to align vocabularies)" if w.is_embed else ""
+                raise PlanError(f"tensor {out_name}: shape mismatch between models ({detail}){hint}")
+            shape = shapes.pop()
+        base_pos = next((i for i, (m, _, _) in enumerate(srcs) if m == sl.base), None)
+        if method.kind == "gta" and base_pos is None:
+            raise PlanError(f"tensor {out_name}: base model {models[sl.base].key if sl.base is not None else '?'} lacks it")
+        work = dtype or _promote([info.dtype for _, _, info in srcs])
+        if work == "F64":
+            raise ConfigError("dtype: float64 math is not supported; set dtype: float32")
+        sources = tuple(
+            Source(m, info, _resolve_model_params(method, sl.slice, cfg, spec, info.name, t, m == sl.base, models[m].key))
+            for m, spec, info in srcs
+        )
+        steps.append(Step(
+            name=out_name, shape=tuple(shape), out_dtype=forced_out or work, work_dtype=work, sources=sources,
+            base=base_pos, params=_resolve_global_params(method, sl.slice, cfg, out_name, t), embed=embed, t=t,
+            layer=out_layer,
+        ))
+
+    for w in arch.pre_weights:
+        make_step(w.name, w, slices[0], None, 0.0, None)
+    out_layer = 0
+    for sl in slices:
+        for j in range(sl.num_layers):
+            t = j / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0
+            layer_of = {m: j for m, _, _ in sl.sources}
+            for w in arch.layer_templates:
+                make_step(w.at(out_layer).name, w, sl, layer_of, t, out_layer)
+            out_layer += 1
+    for w in arch.post_weights:
+        make_step(w.name, w, slices[-1], None, 0.0, None)
+    if not steps:
+        raise PlanError("the plan is empty: no tensors matched the architecture")
+
+    specs = [TensorSpec(s.name, s.out_dtype, s.shape) for s in steps]
+    shards = tuple(tuple(x.name for x in group) for group in assign_shards(specs, shard_size))
+
+    # ---- output config.json
+    donor = base_model if base_model is not None else 0
+    out_cfg = dict(models[donor].config)
+    dname = CODE_TO_NAME.get(forced_out or dtype or "")
+    if dname:
+        out_cfg["torch_dtype"] = dname
+    if cfg.slices is not None and arch.num_layers_key:
+        out_cfg[arch.num_layers_key] = out_layer
+    if tokenizer is not None:
+        out_cfg["vocab_size"] = tokenizer.padded_vocab_size
+    return Plan(cfg, method, models, base_model, arch, tuple(steps), shards, out_cfg, tokenizer, alignment, tuple(notes))
+
+
+def describe_params(p: Mapping[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return str(v)
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in p.items() if v is not None)
+
+
+__all__ = ["Plan", "Step", "Source", "ModelInput", "build_plan", "load_models", "describe_params", "np"]

@@ -1,0 +1,135 @@
+"""Tier 1: merge kernels on tiny arrays against op-by-op references and hand-computed cases."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from superswallow_jax.methods import gta, sparsify
+from superswallow_jax.methods.linear import linear
+from superswallow_jax.methods.numerics import rounder
+
+from . import reference as ref
+
+BF16 = ml_dtypes.bfloat16
+
+
+def _models(rng, n, k, dtype=BF16, scale=0.02, dscale=1e-3):
+    base = (rng.standard_normal(n) * scale).astype(np.float32)
+    xs = [(base + rng.standard_normal(n) * dscale).astype(dtype) for _ in range(k)]
+    # sprinkle exact equalities, signed zeros and sign flips
+    base = base.astype(dtype)
+    xs[0][:7] = base[:7]
+    base[7:10] = -0.0
+    return base, xs
+
+
+def _gta_jax(base, xs, weights, *, d, consensus, normalize, lam=1.0):
+    @jax.jit
+    def f(base, xs, w, lam_):
+        b, deltas = gta.task_vectors(base, xs, d=d)
+        return gta.combine(b, deltas, w, lam_ if lam != 1.0 else None, d=d, consensus=consensus, normalize=normalize)
+
+    w = np.array([ref.rnd(np.float32(x), d) for x in weights], np.float32)
+    out = f(base, xs, w, np.float32(lam))
+    return np.asarray(out).astype(ref.D[d])
+
+
+@pytest.mark.parametrize("d", ["BF16", "F32", "F16"])
+@pytest.mark.parametrize("consensus", ["sum", None])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gta_bit_exact_against_reference(d, consensus, normalize, k):
+    rng = np.random.default_rng(k * 7 + normalize)
+    base, xs = _models(rng, 50_000, k)
+    weights = [0.7, -0.3, 0.45][:k]
+    got = _gta_jax(base, xs, weights, d=d, consensus=consensus, normalize=normalize, lam=0.9 if k == 3 else 1.0)
+    want = ref.gta(
+        base.astype(np.float32), [x.astype(np.float32) for x in xs], weights,
+        d=d, consensus=consensus, normalize=normalize, lam=0.9 if k == 3 else 1.0,
+    )
+    assert got.view(np.uint8).tobytes() == want.view(np.uint8).tobytes()
+
+
+def test_superswallow_single_donor_formula():
+    """MERGE_SEMANTICS 2.3.1: out = rnd(B + rnd(rnd(w) * rnd(X - B))) for one donor at density 1."""
+    rng = np.random.default_rng(0)
+    base, (x,) = _models(rng, 100_000, 1)
+    for w in (0.69921875, 0.2470703125, 0.3):
+        got = _gta_jax(base, [x], [w], d="BF16", consensus="sum", normalize=False)
+        b = base.astype(np.float32)
+        delta = ref.rnd(x.astype(np.float32) - b, "BF16")
+        want = ref.rnd(b + ref.rnd(np.float32(ref.rnd(np.float32(w), "BF16")) * delta, "BF16"), "BF16").astype(BF16)
+        assert got.view(np.uint16).tolist() == want.view(np.uint16).tolist()
+    # w = 0: exactly the base up to the sign of zero (the pipeline's sums start at +0.0)
+    zero = _gta_jax(base, [x], [0.0], d="BF16", consensus="sum", normalize=False)
+    assert np.array_equal(zero.astype(np.float32), base.astype(np.float32))
+
+
+def test_gta_hand_computed_consensus():
+    base = np.zeros(4, np.float32)
+    xs = [np.array([1.0, -1.0, 2.0, 0.0], np.float32), np.array([-3.0, -1.0, 1.0, 0.0], np.float32)]
+    out = _gta_jax(base, xs, [1.0, 1.0], d="F32", consensus="sum", normalize=False)
+    # element 0: S=-2 -> sigma=-1 -> only -3 kept; element 1: both; element 2: both; element 3: zeros never vote
+    assert out.tolist() == [-3.0, -2.0, 3.0, 0.0]
+    out = _gta_jax(base, xs, [1.0, 1.0], d="F32", consensus="sum", normalize=True)
+    assert out.tolist() == [-3.0, -1.0, 1.5, 0.0]
+
+
+@pytest.mark.parametrize("d", ["BF16", "F32"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_matches_reference(d, normalize):
+    rng = np.random.default_rng(3)
+    xs = [(rng.standard_normal(30_000) * 0.02).astype(BF16) for _ in range(3)]
+    w = [0.3, 0.5, 0.2]
+    got = np.asarray(jax.jit(lambda xs, w: linear(xs, w, normalize=normalize, work=d))(xs, np.float32(w)))
+    want = ref.linear([x.astype(np.float32) for x in xs], w, d=d, normalize=normalize).astype(np.float32)
+    assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
+
+
+_normal = st.floats(-1e4, 1e4, allow_nan=False, width=32).filter(lambda v: v == 0 or abs(v) > 1e-15)
+
+
+# XLA:CPU flushes float32 subnormals to zero (torch does not); products here stay normal.
+@given(_normal, _normal)
+@settings(max_examples=200, deadline=None)
+def test_rounding_is_round_to_nearest_even(a, b):
+    f = jax.jit(lambda x, y: rounder("BF16")(x * y))
+    got = np.float32(f(np.float32(a), np.float32(b)))
+    want = np.float32(np.float32(np.float32(a) * np.float32(b)).astype(BF16))
+    assert got.tobytes() == want.tobytes()
+
+
+def test_rescale_factor_rules():
+    assert sparsify.rescale_factor(10.0, 5.0, "BF16") == 2.0
+    assert sparsify.rescale_factor(0.0, 0.0, "BF16") == 1.0
+    assert sparsify.rescale_factor(1.0, 1e-9, "F32") == 1.0
+    # ratio rounded to bf16
+    assert sparsify.rescale_factor(1.0, 3.0, "BF16") == float(np.float32(1 / 3).astype(BF16))
+
+
+def test_magnitude_threshold_exact():
+    rng = np.random.default_rng(0)
+    vals = rng.standard_normal(10_001).astype(BF16).astype(np.float32)
+    bits = sparsify.abs_bits(vals, "BF16")
+    hist = np.bincount(bits.astype(np.int64), minlength=1 << 15)
+    for k in (1, 17, 5000, 10_001):
+        tb, above = sparsify.magnitude_threshold(hist, k)
+        thr = sparsify.bits_to_value(tb, "BF16")
+        a = np.abs(vals)
+        assert (a > thr).sum() == above
+        assert above < k <= above + (a == thr).sum()
+        keep = np.asarray(jax.jit(sparsify.magnitude_keep)(jnp.asarray(vals), np.float32(thr), np.int32(k - above)))
+        assert keep.sum() == k
+        # ties broken by lowest flat index
+        tie_idx = np.flatnonzero(a == thr)
+        assert keep[tie_idx[: k - above]].all() and not keep[tie_idx[k - above :]].any()
+
+
+def test_magnitude_k():
+    assert sparsify.magnitude_k(0.5, 11) == 5
+    assert sparsify.magnitude_k(0.01, 10) == 1
+    assert sparsify.magnitude_k(0.0, 10) == 0
