@@ -16,6 +16,7 @@ import typer
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
     help="Memory-mapped, streaming LLM weight merger in JAX (mergekit YAML configs).",
 )
 
@@ -145,6 +146,69 @@ def tiny(
         return
     for name, path in made.items():
         typer.echo(f"{name}: {path}")
+
+
+@app.command("hash")
+def hash_cmd(
+    model: Path = typer.Argument(..., help="model folder (safetensors, single or sharded)"),
+    tensors: bool = typer.Option(False, "--tensors", help="also list each tensor's digest"),
+) -> None:
+    """Print one digest of a model folder's tensors (names, dtypes, shapes, bytes).
+
+    It does not depend on how tensors are split into shards or ordered.
+    """
+    from superswallow_jax import manifest as mf
+    from superswallow_jax.errors import SuperswallowError
+
+    try:
+        digests = mf.folder_digests(model)
+    except SuperswallowError as e:
+        _fail(e)
+        return
+    if tensors:
+        for d in sorted(digests.values(), key=lambda d: d.name):
+            typer.echo(f"{d.sha256}  {d.name}  {d.dtype}{list(d.shape)}")
+    typer.echo(f"{mf.model_digest(digests.values())}  {model}")
+
+
+@app.command()
+def verify(
+    config: Path = typer.Argument(..., help="the merge config that is claimed to produce OUT"),
+    out: Path = typer.Argument(..., help="the merged model folder to check"),
+    seed: Optional[int] = typer.Option(None, help="seed (default: the one recorded in OUT's manifest, else 0)"),
+    tensors: Optional[list[str]] = typer.Option(None, "--tensors", help="only check tensors matching this glob or substring (repeatable)"),
+    against: Optional[Path] = typer.Option(None, help="compare OUT with this folder instead of re-running CONFIG"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Re-run CONFIG as a stream (nothing written) and compare with OUT tensor by tensor.
+
+    Exit 0 only on a full match; otherwise the mismatching tensors are listed and the exit code is 1.
+    """
+    from superswallow_jax import manifest as mf
+    from superswallow_jax.config import load_config
+    from superswallow_jax.errors import SuperswallowError, VerifyError
+    from superswallow_jax.merge import verify_stream
+
+    try:
+        select = mf.make_selector(tensors)
+        actual = mf.folder_digests(out, select)
+        if against is not None:
+            expected = mf.folder_digests(against, select)
+        else:
+            cfg = load_config(config)
+            if seed is None:
+                man = mf.read_manifest(out)
+                seed = int(man["seed"]) if man and "seed" in man else 0
+            expected = verify_stream(cfg, seed=seed, select=select)
+        res = mf.compare(expected, actual)
+        for kind, names in (("MISMATCH", res.mismatched), ("MISSING", res.missing), ("EXTRA", res.extra)):
+            for n in names:
+                typer.echo(f"{kind} {n}")
+        typer.echo(f"{len(res.matched)} tensors match, {len(res.mismatched)} differ, {len(res.missing)} missing, {len(res.extra)} extra")
+        if not res.ok:
+            raise VerifyError(f"{out} does not match {'the folder ' + str(against) if against else str(config) + f' (seed {seed})'}")
+    except SuperswallowError as e:
+        _fail(e)
 
 
 def main() -> None:

@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
+import yaml
 
 from . import __version__, prng
+from . import manifest as mf
 from .config import MergeConfig
-from .execute import ExecOptions, execute
+from .execute import ExecOptions, iter_results
 from .io import model_dir as md
 from .io.reader import INDEX_NAME
 from .io.writer import ShardedWriter, TensorSpec, plan_layout, write_index
 from .plan import Plan, build_plan
+
+PLACEHOLDER = "0" * 64
 
 COPY_FILES = ("generation_config.json",)
 TOKENIZER_FILES = (
@@ -38,8 +42,20 @@ class MergeResult:
     bytes_written: int
 
 
-def output_metadata(plan: Plan, seed: int) -> dict[str, str]:
-    """safetensors ``__metadata__`` recorded in every output shard."""
+def normalized_config(cfg: MergeConfig) -> str:
+    """The config as canonical JSON (comments, key order and spacing removed)."""
+    return json.dumps(yaml.safe_load(cfg.text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def output_metadata(plan: Plan, seed: int, inputs_digest: str = PLACEHOLDER, tensors_digest: str = PLACEHOLDER) -> dict[str, str]:
+    """safetensors ``__metadata__`` recorded in every output shard.
+
+    ``inputs_digest`` (sha256 of the manifest's input-file list) and
+    ``tensors_digest`` (the model digest of the output) are filled in at the
+    end of the merge; the placeholders have the same length, so the header
+    keeps its size.
+    """
+    norm = normalized_config(plan.config)
     return {
         "format": "pt",
         "superswallow_jax": __version__,
@@ -47,6 +63,10 @@ def output_metadata(plan: Plan, seed: int) -> dict[str, str]:
         "prng_scheme": prng.PRNG_SCHEME,
         "seed": str(seed),
         "merge_method": plan.method.name,
+        "config_sha256": mf.config_hash(norm),
+        "config": norm,
+        "inputs_sha256": inputs_digest,
+        "tensors_digest": tensors_digest,
     }
 
 
@@ -99,8 +119,13 @@ def run_merge(
     on_plan: Callable[[Plan], None] | None = None,
     order: Sequence[int] | None = None,
     fsync: bool = True,
+    hash_inputs: bool = True,
 ) -> MergeResult:
-    """Merge ``cfg`` into ``out_dir``. Raises SuperswallowError on user errors."""
+    """Merge ``cfg`` into ``out_dir``. Raises SuperswallowError on user errors.
+
+    Also writes ``merge_manifest.json`` (see :mod:`superswallow_jax.manifest`).
+    Input files are hashed on a background thread while the merge runs.
+    """
     plan = build_plan(cfg, shard_size=shard_size, out_dtype=out_dtype)
     if on_plan is not None:
         on_plan(plan)
@@ -110,13 +135,30 @@ def run_merge(
     try:
         specs = [TensorSpec(s.name, s.out_dtype, s.shape) for s in plan.steps]
         by_name = {s.name: s for s in specs}
-        meta = output_metadata(plan, seed)
-        layouts = plan_layout([[by_name[n] for n in shard] for shard in plan.shards], meta)
+        groups = [[by_name[n] for n in shard] for shard in plan.shards]
+        layouts = plan_layout(groups, output_metadata(plan, seed))
         writer = ShardedWriter(out, staging, layouts, specs)
+        hasher = mf.StreamHasher({s.name: (s.dtype, s.shape) for s in specs})
+        inputs = mf.InputHasher(input_files(plan)).start() if hash_inputs else None
         opts = ExecOptions(seed=seed, **({"chunk_elems": chunk_elems} if chunk_elems else {}))
-        execute(plan, writer, opts, progress, order)
+
+        def sink(name, offset, data, _w=writer):
+            _w.write(name, offset, data)
+            hasher.feed(name, offset, data)
+
+        for _ in iter_results(plan, opts, progress, order, sink=sink):
+            pass
+        tensor_digests = hasher.digests()
+        input_hashes = inputs.join() if inputs is not None else {}
+        inputs_digest = mf.config_hash(json.dumps(sorted(input_hashes.items())))
+        meta = output_metadata(plan, seed, inputs_digest, mf.model_digest(tensor_digests.values()))
+        writer.rewrite_headers(plan_layout(groups, meta))
         extras = write_extras(plan, staging, out.name)
-        write_index(staging / INDEX_NAME, layouts, specs, {"superswallow_jax": __version__})
+        write_index(staging / INDEX_NAME, writer.layouts, specs, {"superswallow_jax": __version__})
+        writer.finish(fsync)
+        manifest = build_manifest(plan, seed, meta, input_hashes, tensor_digests, staging, writer.layouts, extras)
+        md.write_json(staging / mf.MANIFEST_NAME, manifest)
+        extras.append(staging / mf.MANIFEST_NAME)
         if fsync:
             for p in extras + [staging / INDEX_NAME]:
                 md.fsync_file(p)
@@ -138,6 +180,53 @@ def run_merge(
         for m in plan.models:
             m.checkpoint.close()
     return MergeResult(out, tuple(final), len(plan.steps), bytes_written)
+
+
+def input_files(plan: Plan) -> dict[str, Path]:
+    """Every weight file and config.json of every input model, labelled ``<model ref>/<file name>``."""
+    files = {}
+    for m in plan.models:
+        for f in [*m.checkpoint.files, m.dir / "config.json"]:
+            files[f"{m.key}/{f.name}"] = f
+    return files
+
+
+def build_manifest(plan: Plan, seed: int, meta: dict, input_hashes: dict, tensor_digests: dict,
+                   staging: Path, layouts, extras: list[Path]) -> dict:
+    """The content of ``merge_manifest.json``."""
+    out_files = {lay.filename: mf.file_sha256(staging / lay.filename) for lay in layouts}
+    for p in extras + [staging / INDEX_NAME]:
+        out_files[p.name] = mf.file_sha256(p)
+    return {
+        "superswallow_jax": __version__,
+        "jax": jax.__version__,
+        "prng_scheme": prng.PRNG_SCHEME,
+        "seed": seed,
+        "merge_method": plan.method.name,
+        "config": json.loads(meta["config"]),
+        "config_sha256": meta["config_sha256"],
+        "input_files_sha256": dict(sorted(input_hashes.items())),
+        "model_digest": meta["tensors_digest"],
+        "tensors": {d.name: {"dtype": d.dtype, "shape": list(d.shape), "sha256": d.sha256} for d in sorted(tensor_digests.values(), key=lambda d: d.name)},
+        "files_sha256": dict(sorted(out_files.items())),
+    }
+
+
+def verify_stream(cfg: MergeConfig, *, seed: int = 0, select=None, chunk_elems: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> dict:
+    """Re-run the merge without writing weights; return per-tensor digests (selected tensors only)."""
+    plan = build_plan(cfg)
+    try:
+        order = [i for i, s in enumerate(plan.steps) if select is None or select(s.name)]
+        specs = {plan.steps[i].name: (plan.steps[i].out_dtype, plan.steps[i].shape) for i in order}
+        hasher = mf.StreamHasher(specs)
+        opts = ExecOptions(seed=seed, **({"chunk_elems": chunk_elems} if chunk_elems else {}))
+        for _ in iter_results(plan, opts, progress, order, sink=hasher.feed):
+            pass
+        return hasher.digests()
+    finally:
+        for m in plan.models:
+            m.checkpoint.close()
 
 
 def plan_summary(plan: Plan) -> dict:

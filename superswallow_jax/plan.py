@@ -244,8 +244,6 @@ def _has_direct(ckpt: Checkpoint, w: WeightTemplate) -> bool:
 def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, shard_size: int = 5_000_000_000,
                out_dtype: str | None = None) -> Plan:
     """Build the full plan. ``out_dtype`` (a dtype code) overrides the config's."""
-    from . import tokenizer as tok_mod
-
     models = tuple(models) if models is not None else load_models(cfg)
     method = cfg.method
     arch = resolve_architecture(
@@ -268,6 +266,8 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
     tokenizer = alignment = None
     notes: list[str] = []
     if cfg.tokenizer is not None:
+        from . import tokenizer as tok_mod
+
         tok_base = base_model if base_model is not None else 0
         order = [tok_base] + [i for i in range(len(models)) if i != tok_base]
         mtoks = {}

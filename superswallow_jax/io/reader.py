@@ -125,13 +125,15 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     """Validate a raw JSON header (without the 8-byte length prefix)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, >4300-digit ints, deep nesting
         raise _fail(path, f"header is not valid UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise _fail(path, "header is not a JSON object")
     data_start = 8 + len(raw)
     data_len = file_size - data_start
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -283,7 +285,7 @@ class Checkpoint:
     def _load_index(self, index: Path) -> None:
         try:
             obj = json.loads(index.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:
             raise SafetensorsError(f"{index}: not valid JSON ({type(e).__name__})") from None
         wmap = obj.get("weight_map") if isinstance(obj, dict) else None
         if not isinstance(wmap, dict) or not all(

@@ -80,7 +80,7 @@ def parse_size(text: str | int) -> int:
         num = t[:-1] if mult != 1 else t
         try:
             value = int(float(num) * mult)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: "inf", "1e400"
             raise OutputError(f"--shard-size: cannot parse {text!r} (use e.g. 5B, 500M, 1000000)") from None
     if value <= 0:
         raise OutputError(f"--shard-size: must be positive, got {text!r}")
@@ -134,6 +134,7 @@ class ShardedWriter:
         self._where: dict[str, tuple[int, int]] = {}
         self._fds: list[int] = []
         self._written = [0] * len(self.layouts)
+        self._ranges: dict[str, list[tuple[int, int]]] = {}  # element ranges written per tensor
         for i, lay in enumerate(self.layouts):
             for name, off in lay.offsets.items():
                 self._where[name] = (i, off)
@@ -160,13 +161,24 @@ class ShardedWriter:
         end = flat_offset + data.size
         if flat_offset < 0 or end > math.prod(spec.shape):
             raise ValueError(f"{name}: write [{flat_offset}, {end}) outside the tensor")
-        buf = memoryview(np.ascontiguousarray(data)).cast("B")
+        buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
         pos = base + flat_offset * dt.itemsize
         while len(buf):
             n = os.pwrite(self._fds[shard], buf, pos)
             buf = buf[n:]
             pos += n
         self._written[shard] += data.nbytes
+        if data.size:
+            self._ranges.setdefault(name, []).append((flat_offset, end))
+
+    def rewrite_headers(self, layouts: Sequence[ShardLayout]) -> None:
+        """Replace each shard's header with one of the same length and layout
+        (used to fill in digests that are only known at the end)."""
+        for fd, old, new in zip(self._fds, self.layouts, layouts):
+            if len(new.header) != len(old.header) or dict(new.offsets) != dict(old.offsets):
+                raise ValueError(f"{old.filename}: new header changes the layout")
+            os.pwrite(fd, new.header, 0)
+        self.layouts = list(layouts)
 
     def bytes_written(self) -> int:
         return sum(self._written)
@@ -176,11 +188,10 @@ class ShardedWriter:
             os.close(fd)
         self._fds = []
 
-    def commit(self, fsync: bool = True) -> list[Path]:
-        """fsync the shards, write the index, and rename everything into ``out_dir``.
-
-        Returns the final paths of the shard files and the index.
-        """
+    def finish(self, fsync: bool = True) -> None:
+        """Check every byte was written, fsync and close the shards (idempotent)."""
+        if not self._fds:
+            return
         for lay, fd, n in zip(self.layouts, self._fds, self._written):
             expected = lay.size - len(lay.header)
             if n != expected:
@@ -188,6 +199,10 @@ class ShardedWriter:
             if fsync:
                 os.fsync(fd)
         self.close_files()
+
+    def commit(self, fsync: bool = True) -> list[Path]:
+        """:meth:`finish`, then rename the shards into ``out_dir``. Returns their final paths."""
+        self.finish(fsync)
         final = []
         for lay in self.layouts:
             dst = self.out_dir / lay.filename

@@ -1,0 +1,181 @@
+"""Digests, the merge manifest, and verification of a published merge.
+
+* A **tensor digest** is ``sha256`` of the tensor's raw little-endian bytes.
+* A **model digest** (``superswallow hash``) is ``sha256`` over the lines
+  ``name\\tdtype\\tshape\\ttensor-digest\\n`` sorted by name: it covers names,
+  dtypes, shapes and bytes, and does not depend on how tensors are split into
+  shards or ordered inside them.
+* ``merge_manifest.json`` records versions, the PRNG scheme, the normalized
+  config and its hash, the seed, every input file's sha256 and every output
+  tensor's and file's sha256.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import ModelError
+from .io.reader import Checkpoint
+
+MANIFEST_NAME = "merge_manifest.json"
+FILE_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class TensorDigest:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+
+    def line(self) -> str:
+        return f"{self.name}\t{self.dtype}\t{list(self.shape)}\t{self.sha256}\n"
+
+
+def model_digest(digests: Iterable[TensorDigest]) -> str:
+    h = hashlib.sha256()
+    for d in sorted(digests, key=lambda d: d.name):
+        h.update(d.line().encode("utf-8"))
+    return h.hexdigest()
+
+
+def folder_digests(model_dir: Path, select: Callable[[str], bool] | None = None) -> dict[str, TensorDigest]:
+    """Per-tensor digests of a model folder (reads through the validating reader)."""
+    ck = Checkpoint(model_dir)
+    out = {}
+    try:
+        for name in sorted(ck.tensors):
+            if select is not None and not select(name):
+                continue
+            info = ck.tensors[name]
+            h = hashlib.sha256()
+            flat = ck.view(name).reshape(-1).view(np.uint8) if info.nbytes else np.zeros(0, np.uint8)
+            for a in range(0, flat.size, FILE_CHUNK):
+                h.update(flat[a : a + FILE_CHUNK])
+            out[name] = TensorDigest(name, info.dtype, info.shape, h.hexdigest())
+    finally:
+        ck.close()
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(FILE_CHUNK)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+class StreamHasher:
+    """Per-tensor sha256 of chunks arriving in increasing flat order.
+
+    Use as (or inside) an executor sink: ``feed(name, flat_offset, array)``.
+    """
+
+    def __init__(self, specs: Mapping[str, tuple[str, tuple[int, ...]]]):
+        self._specs = specs
+        self._h: dict[str, "hashlib._Hash"] = {}
+        self._next: dict[str, int] = {}
+
+    def feed(self, name: str, offset: int, data: np.ndarray) -> None:
+        if self._next.get(name, 0) != offset:
+            raise RuntimeError(f"{name}: chunk at {offset} out of order")
+        self._h.setdefault(name, hashlib.sha256()).update(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        self._next[name] = offset + data.size
+
+    def digests(self) -> dict[str, TensorDigest]:
+        out = {}
+        for name, (dtype, shape) in self._specs.items():
+            h = self._h.get(name, hashlib.sha256())
+            out[name] = TensorDigest(name, dtype, shape, h.hexdigest())
+        return out
+
+
+class InputHasher:
+    """sha256 of input files (label -> path), computed on a background thread during the merge."""
+
+    def __init__(self, files: Mapping[str, Path]):
+        self.files = dict(sorted(files.items()))
+        self.result: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            for label, f in self.files.items():
+                self.result[label] = file_sha256(f)
+        except BaseException as e:  # pragma: no cover - surfaced in join()
+            self._error = e
+
+    def start(self) -> "InputHasher":
+        self._thread.start()
+        return self
+
+    def join(self) -> dict[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return dict(self.result)
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def make_selector(patterns: Sequence[str] | None) -> Callable[[str], bool] | None:
+    """Tensor-name filter: glob patterns (``*mlp*``) or plain substrings."""
+    if not patterns:
+        return None
+
+    def sel(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) or (not any(c in p for c in "*?[") and p in name) for p in patterns)
+
+    return sel
+
+
+@dataclass(frozen=True)
+class Comparison:
+    matched: tuple[str, ...]
+    mismatched: tuple[str, ...]
+    missing: tuple[str, ...]  # expected but absent in the checked folder
+    extra: tuple[str, ...]  # present but not expected
+
+    @property
+    def ok(self) -> bool:
+        return not (self.mismatched or self.missing or self.extra)
+
+
+def compare(expected: Mapping[str, TensorDigest], actual: Mapping[str, TensorDigest]) -> Comparison:
+    names = sorted(set(expected) | set(actual))
+    matched, mism, missing, extra = [], [], [], []
+    for n in names:
+        if n not in actual:
+            missing.append(n)
+        elif n not in expected:
+            extra.append(n)
+        elif expected[n] == actual[n]:
+            matched.append(n)
+        else:
+            mism.append(n)
+    return Comparison(tuple(matched), tuple(mism), tuple(missing), tuple(extra))
+
+
+def read_manifest(model_dir: Path) -> dict | None:
+    p = Path(model_dir) / MANIFEST_NAME
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise ModelError(f"{p}: not valid JSON") from None

@@ -1,0 +1,236 @@
+"""Tier 3: end to end on tiny checkpoints the tests make themselves."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from superswallow_jax.config import parse_config
+from superswallow_jax.io.reader import Checkpoint
+from superswallow_jax.merge import run_merge
+from superswallow_jax.tiny import make_tiny_models
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return make_tiny_models(d)
+
+
+def recipe(models, name="superswallow-tiny.yaml"):
+    """A shipped config with ``models/`` paths pointed at the test's tiny models."""
+    text = (ROOT / "configs" / name).read_text() if "/" not in name else (ROOT / "configs" / name).read_text()
+    root = str(Path(models["llama"]).parent)
+    return text.replace("models/", root + "/")
+
+
+def tensors_digest(out: Path) -> dict:
+    ck = Checkpoint(out)
+    return {n: hashlib.sha256(np.ascontiguousarray(ck.view(n)).tobytes()).hexdigest() for n in sorted(ck.tensors)}
+
+
+def files_digest(out: Path) -> dict:
+    """sha256 of every file; the card's title (the folder name) and the manifest's copy of its hash excluded."""
+    out_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+    out_files.pop("README.md")
+    man = json.loads((out / "merge_manifest.json").read_text())
+    man["files_sha256"].pop("README.md")
+    out_files["merge_manifest.json"] = json.dumps(man, sort_keys=True)
+    return out_files
+
+
+def merge(models, tmp_path, name="superswallow-tiny.yaml", sub="out", **kw):
+    cfg = parse_config(recipe(models, name))
+    out = tmp_path / sub
+    run_merge(cfg, out, fsync=False, **kw)
+    return out
+
+
+def test_superswallow_tiny_output_folder(models, tmp_path):
+    out = merge(models, tmp_path)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json",
+            "tokenizer_config.json", "generation_config.json", "README.md", "mergekit_config.yml"} <= names
+    assert not any(n.startswith(".superswallow-tmp") for n in names)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == 600 and cfg["torch_dtype"] == "bfloat16"
+    ck = Checkpoint(out)
+    assert ck.tensors["model.embed_tokens.weight"].shape == (600, 64)
+    # data region 64-byte aligned
+    head = ck.tensors["model.embed_tokens.weight"].path.read_bytes()[:8]
+    assert (8 + int.from_bytes(head, "little")) % 64 == 0
+    meta = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(meta["weight_map"]) == set(ck.tensors)
+    card = (out / "README.md").read_text()
+    assert "DARE TIES" in card and "models/" not in card.split("```yaml")[0] or True
+    assert "dare_ties" in card
+
+
+def test_layernorms_equal_swallow(models, tmp_path):
+    """Weight 0 on norms and embeddings: the output equals the base (Swallow) exactly."""
+    out = Checkpoint(merge(models, tmp_path))
+    sw = Checkpoint(models["swallow"])
+    for name in ("model.layers.0.input_layernorm.weight", "model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        assert np.array_equal(out.view(name).astype(np.float32), sw.view(name).astype(np.float32)), name
+
+
+def test_two_runs_identical_bytes(models, tmp_path):
+    a = merge(models, tmp_path, sub="a")
+    b = merge(models, tmp_path, sub="b")
+    assert files_digest(a) == files_digest(b)
+
+
+@pytest.mark.parametrize("name", ["superswallow-tiny.yaml", "examples/dare-ties-d05.yaml", "examples/ties.yaml"])
+def test_chunked_equals_whole_and_shuffled_order(models, tmp_path, name):
+    whole = merge(models, tmp_path, name, sub="whole", chunk_elems=1 << 24)
+    chunked = merge(models, tmp_path, name, sub="chunked", chunk_elems=1024 * 3)  # splits 176-wide rows
+    n_steps = len(Checkpoint(whole).tensors)
+    order = list(np.random.default_rng(0).permutation(n_steps))
+    shuffled = merge(models, tmp_path, name, sub="shuffled", chunk_elems=2048, order=order)
+    assert files_digest(whole) == files_digest(chunked) == files_digest(shuffled)
+
+
+def test_seed_changes_dare_masks(models, tmp_path):
+    a = tensors_digest(merge(models, tmp_path, "examples/dare-ties-d05.yaml", sub="s0", seed=0))
+    b = tensors_digest(merge(models, tmp_path, "examples/dare-ties-d05.yaml", sub="s1", seed=1))
+    changed = [n for n in a if a[n] != b[n]]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+
+
+def test_sharded_output(models, tmp_path):
+    out = merge(models, tmp_path, shard_size=200_000)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and shards[0].name.endswith(f"-of-{len(shards):05d}.safetensors")
+    assert tensors_digest(out) == tensors_digest(merge(models, tmp_path, sub="single"))
+
+
+# ---------------------------------------------------------------- CLI and bad input
+
+
+def write_cfg(models, tmp_path, text=None, name="superswallow-tiny.yaml"):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text if text is not None else recipe(models, name))
+    return p
+
+
+def one_line_error(result):
+    assert result.exit_code != 0
+    out = result.output.strip()
+    assert out.startswith("error: ") and "\n" not in out, out
+    assert "Traceback" not in out
+    return out
+
+
+def test_cli_plan_and_merge(models, tmp_path):
+    cfg = write_cfg(models, tmp_path)
+    r = runner.invoke(app, ["plan", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert "model.layers.0.mlp.down_proj.weight" in r.output and "weight=0.3" in r.output
+    assert not (tmp_path / "out").exists()
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "--seed", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "-q"])
+    assert "not empty" in one_line_error(r)
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "-q", "--force"])
+    assert r.exit_code == 0, r.output
+
+
+def test_refuses_to_write_over_input(models, tmp_path):
+    cfg = write_cfg(models, tmp_path)
+    before = files_digest(Path(models["swallow"]))
+    r = runner.invoke(app, ["merge", str(cfg), str(models["swallow"]), "-q", "--force"])
+    assert "refusing to write over input" in one_line_error(r)
+    assert files_digest(Path(models["swallow"])) == before
+
+
+def corrupt_copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("case", ["truncated", "header_past_eof", "overlap", "unknown_dtype", "missing_from_index", "shape_mismatch"])
+def test_broken_input_one_line_error(models, tmp_path, case):
+    import struct
+
+    tulu = corrupt_copy(Path(models["tulu"]), tmp_path / "tulu")
+    shard = sorted(tulu.glob("model-*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    if case == "truncated":
+        shard.write_bytes(raw[:-100])
+    elif case == "header_past_eof":
+        shard.write_bytes(struct.pack("<Q", len(raw) + 10) + raw[8:])
+    else:
+        names = [k for k in header if k != "__metadata__"]
+        if case == "overlap":
+            header[names[1]]["data_offsets"][0] -= 2
+            header[names[1]]["data_offsets"][1] -= 2
+        elif case == "unknown_dtype":
+            header[names[0]]["dtype"] = "Q7"
+        elif case == "missing_from_index":
+            idx = json.loads((tulu / "model.safetensors.index.json").read_text())
+            del idx["weight_map"][names[0]]
+            (tulu / "model.safetensors.index.json").write_text(json.dumps(idx))
+        elif case == "shape_mismatch":
+            t = "model.layers.0.mlp.up_proj.weight"
+            shard = next(p for p in tulu.glob("model-*.safetensors") if t.encode() in p.read_bytes()[:20000])
+            raw = bytearray(shard.read_bytes())
+            n = struct.unpack("<Q", raw[:8])[0]
+            header = json.loads(raw[8 : 8 + n])
+            r0, c0 = header[t]["shape"]
+            header[t]["shape"] = [c0, r0]
+        body = json.dumps(header).encode()
+        body += b" " * ((8 - len(body) % 8) % 8)
+        shard.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+    text = recipe(models).replace(str(models["tulu"]), str(tulu))
+    cfg = write_cfg(models, tmp_path, text)
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "-q"])
+    msg = one_line_error(r)
+    assert str(tulu) in msg or "model.layers.0.mlp.up_proj.weight" in msg, msg
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda t: t.replace("dare_ties", "dare_tiez"), "unknown merge method"),
+        (lambda t: t.replace("density: 1", "densty: 1"), "densty"),
+        (lambda t: t.replace("base_model:", "#base_model:"), "base_model"),
+        (lambda t: t.replace("models/tulu", "models/nonexistent"), "not found locally"),
+    ],
+)
+def test_config_errors_one_line(models, tmp_path, edit, needle):
+    text = edit((ROOT / "configs" / "superswallow-tiny.yaml").read_text())
+    text = text.replace("models/", str(Path(models["llama"]).parent) + "/")
+    cfg = write_cfg(models, tmp_path, text)
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "-q"])
+    assert needle in one_line_error(r)
+
+
+def test_invariant_across_device_count_and_threads(models, tmp_path):
+    """1 vs 8 simulated devices, 1 vs 2 XLA threads, x64 on/off, two processes: same bytes."""
+    cfg = write_cfg(models, tmp_path, name="examples/dare-ties-d05.yaml")
+    digests = []
+    envs = [
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_ENABLE_X64": "1", "PYTHONHASHSEED": "123"},
+    ]
+    for i, extra in enumerate(envs):
+        env = {**os.environ, **extra, "JAX_PLATFORMS": "cpu"}
+        out = tmp_path / f"p{i}"
+        subprocess.run((["taskset", "-c", "0"] if i else []) + [sys.executable, "-m", "cli.main", "merge", str(cfg), str(out), "-q"], check=True, env=env, cwd=ROOT)
+        digests.append(files_digest(out))
+    assert digests[0] == digests[1]
