@@ -192,10 +192,19 @@ class ShardedWriter:
         """Check every byte was written, fsync and close the shards (idempotent)."""
         if not self._fds:
             return
-        for lay, fd, n in zip(self.layouts, self._fds, self._written):
-            expected = lay.size - len(lay.header)
-            if n != expected:
-                raise RuntimeError(f"{lay.filename}: wrote {n} of {expected} data bytes")
+        for lay, fd in zip(self.layouts, self._fds):
+            for name in lay.offsets:  # the chunks written must tile each tensor exactly
+                pos = 0
+                for a, b in sorted(self._ranges.get(name, ())):
+                    if a != pos:  # gap or overlap
+                        pos = -1
+                        break
+                    pos = b
+                numel = math.prod(self._spec[name].shape)
+                if pos != numel:
+                    raise RuntimeError(
+                        f"{lay.filename}: tensor {name!r}: its {numel} elements were not written exactly once"
+                    )
             if fsync:
                 os.fsync(fd)
         self.close_files()
