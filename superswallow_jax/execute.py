@@ -156,12 +156,11 @@ class InputFetcher:
         """Elements [a, b) of source ``i`` of ``step``, flattened (dtype as stored)."""
         if not step.embed:
             return self._flat_view(step, i)[a:b]
-        src = step.sources[i]
         hidden = step.shape[1]
         r0, r1 = a // hidden, -(-b // hidden)
-        view = self.plan.models[src.model].checkpoint.file(src.tensor).view(src.tensor.name)
-        read_rows = lambda _m, ids: view[ids]  # noqa: E731  (copies only the rows asked for)
-        rows = self.plan.alignment.aligned_rows(src.model, r0, r1, read_rows, DTYPES[step.work_dtype])
+        views = [self.plan.models[s.model].checkpoint.file(s.tensor).view(s.tensor.name) for s in step.sources]
+        read_rows = lambda j, ids: views[j][ids]  # noqa: E731  (source j's original rows; copies only those)
+        rows = step.alignment.aligned_rows(i, r0, r1, read_rows, DTYPES[step.work_dtype], tensor=step.name)
         return np.ascontiguousarray(rows).reshape(-1)[a - r0 * hidden : b - r0 * hidden]
 
     def release(self, step: Step, a: int, b: int) -> None:

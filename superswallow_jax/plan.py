@@ -71,6 +71,7 @@ class Step:
     embed: bool  # rows aligned to the output vocabulary
     t: float
     layer: int | None
+    alignment: Any = None  # tokenizer.EmbeddingAlignment over ``sources`` (embed steps only)
 
     @property
     def numel(self) -> int:
@@ -96,7 +97,6 @@ class Plan:
     shards: tuple[tuple[str, ...], ...]  # tensor names per output shard
     out_config: Mapping[str, Any]
     tokenizer: Any = None  # tokenizer.OutputTokenizer or None
-    alignment: Any = None  # tokenizer.EmbeddingAlignment or None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -263,7 +263,9 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
                 raise ConfigError(f"{where}: passthrough takes exactly one model per slice, got {len(s.sources)}")
 
     # ---- tokenizer
-    tokenizer = alignment = None
+    tokenizer = None
+    mtoks: dict = {}
+    overrides: dict = {}
     notes: list[str] = []
     if cfg.tokenizer is not None:
         from . import tokenizer as tok_mod
@@ -282,9 +284,6 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
         ordered_keys = [models[i].key for i in order]
         tokenizer = tok_mod.build_output_tokenizer(
             source, mtoks[order[0]], [mtoks[i] for i in order[1:]], ordered_keys, overrides, cfg.tokenizer.pad_to_multiple_of,
-        )
-        alignment = tok_mod.align_embeddings(
-            tokenizer, [mtoks[i] for i in range(len(models))], [m.key for m in models], base_model, overrides,
         )
 
     # ---- steps
@@ -309,14 +308,14 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
         for m, _, info in srcs:
             if info.dtype not in FLOAT_CODES:
                 raise PlanError(f"model {models[m].key}: tensor {info.name} has non-float dtype {info.dtype}")
-        embed = w.is_embed and alignment is not None
+        embed = w.is_embed and tokenizer is not None
         shapes = {info.shape for _, _, info in srcs}
         if embed:
             hidden = {info.shape[1:] for _, _, info in srcs}
             if len(hidden) != 1 or any(len(info.shape) != 2 for _, _, info in srcs):
                 detail = ", ".join(f"{models[m].key}: {list(info.shape)}" for m, _, info in srcs)
                 raise PlanError(f"tensor {out_name}: embedding shapes differ beyond the vocabulary axis ({detail})")
-            shape = (alignment.rows, *hidden.pop())
+            shape = (tokenizer.padded_vocab_size, *hidden.pop())
         else:
             if len(shapes) != 1:
                 detail = ", ".join(f"{models[m].key}: {list(info.shape)}" for m, _, info in srcs)
@@ -333,10 +332,18 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
             Source(m, info, _resolve_model_params(method, sl.slice, cfg, spec, info.name, t, m == sl.base, models[m].key))
             for m, spec, info in srcs
         )
+        alignment = None
+        if embed:
+            from . import tokenizer as tok_mod
+
+            # one alignment per tensor, over the models that have it, in source order
+            alignment = tok_mod.align_embeddings(
+                tokenizer, [mtoks[m] for m, _, _ in srcs], [models[m].key for m, _, _ in srcs], base_pos, overrides,
+            )
         steps.append(Step(
             name=out_name, shape=tuple(shape), out_dtype=forced_out or work, work_dtype=work, sources=sources,
             base=base_pos, params=_resolve_global_params(method, sl.slice, cfg, out_name, t), embed=embed, t=t,
-            layer=out_layer,
+            layer=out_layer, alignment=alignment,
         ))
 
     for w in arch.pre_weights:
@@ -367,7 +374,7 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
         out_cfg[arch.num_layers_key] = out_layer
     if tokenizer is not None:
         out_cfg["vocab_size"] = tokenizer.padded_vocab_size
-    return Plan(cfg, method, models, base_model, arch, tuple(steps), shards, out_cfg, tokenizer, alignment, tuple(notes))
+    return Plan(cfg, method, models, base_model, arch, tuple(steps), shards, out_cfg, tokenizer, tuple(notes))
 
 
 def describe_params(p: Mapping[str, Any]) -> str:

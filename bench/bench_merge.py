@@ -1,0 +1,416 @@
+"""Benchmark: end-to-end merges on a ~1.3 GB bf16 pair, against baselines from the same run.
+
+Prints medians and ratios (never asserts absolute times: the machine is shared).
+
+Measurements (each ``--repeat`` times, round-robin so load drift hits all alike;
+every command runs under ``/usr/bin/time -v`` for peak RSS and CPU time):
+
+* ``floor``    -- ``bench/io_floor.py``: read both inputs once, ``posix_fallocate`` +
+  ``pwrite`` one output of one input's size, no fsync. The I/O floor.
+* ``ours``     -- ``superswallow merge CONFIG OUT --force -q`` (the CLI as shipped:
+  it fsyncs, hashes inputs and outputs, writes a manifest) for the Superswallow
+  recipe (dare_ties, density 1, union tokenizer) and dare_ties density 0.5.
+* ``ours-lib`` -- the same merges through ``bench/merge_probe.py`` (``run_merge``)
+  with ``fsync=False`` (what the CLI cannot switch off), and with
+  ``fsync=False, hash_inputs=False``; also reports phase times (import, plan,
+  first chunk, end of streaming, end).
+* ``mergekit`` -- ``mergekit-yaml CONFIG OUT --random-seed 0 --quiet
+  --no-write-model-card`` on the same configs (only with ``--mergekit PATH``).
+* ``startup``  -- ``python -c pass``, ``import jax``, ``import superswallow_jax.merge``,
+  ``superswallow --help`` and a merge of the ``tiny`` preset (plus its time to
+  first chunk via the probe).
+
+XLA compiles are counted from ``JAX_LOG_COMPILES=1`` ("Finished XLA compilation"
+lines on stderr). Before every timed command the previous output is deleted and
+``sync`` is called (untimed) so that earlier dirty pages are not written back
+during the next measurement; inputs are re-read into the page cache before
+every round.
+
+    python bench/bench_merge.py [--models DIR] [--repeat 3] [--mergekit PATH]
+                                [--only floor,ours,ours-lib,mergekit,startup]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+GROUPS = ("floor", "ours", "ours-lib", "mergekit", "startup")
+RECIPES = {
+    "superswallow": REPO / "configs" / "superswallow-tiny.yaml",
+    "dare-d0.5": REPO / "configs" / "examples" / "dare-ties-d05.yaml",
+}
+TIME = "/usr/bin/time"
+
+
+# ------------------------------------------------------------------ environment
+
+
+def venv_python() -> str:
+    cand = REPO / ".venv" / "bin" / "python"
+    return str(cand) if cand.exists() else sys.executable
+
+
+def cli_path() -> str:
+    cand = Path(venv_python()).parent / "superswallow"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("superswallow")
+    if not found:
+        raise SystemExit("superswallow CLI not found (install the package: pip install -e .)")
+    return found
+
+
+def machine_info() -> dict[str, str]:
+    info = {"nproc": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["ram"] = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                break
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            [venv_python(), "-c", "import jax, numpy; print(jax.__version__, numpy.__version__)"],
+            capture_output=True, text=True, timeout=120,
+        ).stdout.split()
+        info["jax"], info["numpy"] = out[0], out[1]
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return info
+
+
+def loadavg() -> str:
+    return "%.2f %.2f %.2f" % os.getloadavg()
+
+
+# ------------------------------------------------------------------ models and configs
+
+
+def have_model(d: Path) -> bool:
+    return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+
+def ensure_models(models: Path, preset: str, names: tuple[str, ...]) -> None:
+    if all(have_model(models / n) for n in names):
+        print(f"# reusing {preset} models in {models}")
+        return
+    print(f"# making {preset} models in {models} (superswallow tiny --preset {preset}) ...", flush=True)
+    t = time.perf_counter()
+    subprocess.run([cli_path(), "tiny", str(models), "--preset", preset], check=True, stdout=subprocess.DEVNULL)
+    print(f"# made in {time.perf_counter() - t:.1f} s")
+
+
+def weight_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+
+def warm(dirs: list[Path]) -> float:
+    """Read every weight file once (into the page cache); returns seconds."""
+    t = time.perf_counter()
+    buf = bytearray(16 << 20)
+    for d in dirs:
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    return time.perf_counter() - t
+
+
+def rewrite_config(src: Path, models: Path, dst: Path) -> Path:
+    """Copy a config with ``models/<name>`` paths pointed at ``models`` (absolute)."""
+    text = src.read_text(encoding="utf-8")
+    text = re.sub(r"(?<![\w/.])models/", str(models.resolve()) + "/", text)
+    dst.write_text(text, encoding="utf-8")
+    return dst
+
+
+# ------------------------------------------------------------------ timing
+
+
+@dataclass
+class Run:
+    ok: bool
+    wall: float
+    rss_mb: float | None
+    cpu: float | None
+    compiles: int
+    load: str
+    stdout: str
+    err_tail: str
+
+
+@dataclass
+class Job:
+    name: str
+    group: str
+    argv: list[str]
+    baseline: str | None = None  # job name for the ratio column
+    out: Path | None = None  # removed before each run
+    env: dict[str, str] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+    note: str = ""
+
+
+def _parse_time_v(text: str) -> tuple[float | None, float | None]:
+    rss = user = sys_ = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("Maximum resident set size"):
+            rss = int(line.rsplit(":", 1)[1]) / 1024
+        elif line.startswith("User time"):
+            user = float(line.rsplit(":", 1)[1])
+        elif line.startswith("System time"):
+            sys_ = float(line.rsplit(":", 1)[1])
+    cpu = user + sys_ if user is not None and sys_ is not None else None
+    return rss, cpu
+
+
+def _clear(path: Path | None) -> None:
+    if path is None:
+        return
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def run_job(job: Job, workdir: Path) -> Run:
+    _clear(job.out)
+    os.sync()
+    env = {**os.environ, "JAX_LOG_COMPILES": "1", **job.env}
+    tfile = workdir / "time-v.txt"
+    load = loadavg()
+    argv = [a.replace("{T0}", "%.6f" % time.time()) for a in job.argv]
+    t = time.perf_counter()
+    p = subprocess.run([TIME, "-v", "-o", str(tfile), *argv], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    rss, cpu = _parse_time_v(tfile.read_text() if tfile.exists() else "")
+    compiles = p.stderr.count("Finished XLA compilation")
+    noise = ("Finished XLA compilation", "Compiling ", "Finished tracing", "Finished jaxpr", "Persistent compilation")
+    err = [ln for ln in p.stderr.splitlines() if ln.strip() and not any(n in ln for n in noise)]
+    return Run(p.returncode == 0, wall, rss, cpu, compiles, load, p.stdout, "\n".join(err[-25:]))
+
+
+# ------------------------------------------------------------------ jobs
+
+
+def build_jobs(args, work: Path, models: Path, tiny: Path | None) -> list[Job]:
+    py, cli = venv_python(), cli_path()
+    sw, tu = models / "swallow", models / "tulu"
+    only = set(args.only)
+    jobs: list[Job] = []
+    if "floor" in only:
+        out = work / "floor.safetensors"
+        jobs.append(Job("io-floor", "floor", [py, str(BENCH / "io_floor.py"), str(sw), str(tu), str(out)], out=out))
+    floor = "io-floor" if "floor" in only else None
+    cfgs = {r: rewrite_config(src, models, work / f"{r}.yaml") for r, src in RECIPES.items()}
+    for r, cfg in cfgs.items():
+        if "ours" in only:
+            out = work / f"out-ours-{r}"
+            jobs.append(Job(f"ours {r} (CLI)", "ours", [cli, "merge", str(cfg), str(out), "--force", "-q"],
+                            floor, out))
+        if "ours-lib" in only:
+            out = work / f"out-lib-{r}"
+            probe = [py, str(BENCH / "merge_probe.py"), str(cfg), str(out), "--t0", "{T0}", "--no-fsync"]
+            jobs.append(Job(f"ours {r} (no fsync)", "ours-lib", probe, floor, out))
+            out2 = work / f"out-lib2-{r}"
+            probe2 = [py, str(BENCH / "merge_probe.py"), str(cfg), str(out2), "--t0", "{T0}", "--no-fsync",
+                      "--no-hash-inputs"]
+            jobs.append(Job(f"ours {r} (no fsync, no input hash)", "ours-lib", probe2, floor, out2))
+        if "mergekit" in only and args.mergekit:
+            out = work / f"out-mergekit-{r}"
+            jobs.append(Job(f"mergekit {r}", "mergekit",
+                            [args.mergekit, str(cfg), str(out), "--random-seed", "0", "--quiet",
+                             "--no-write-model-card"], floor, out))
+    if "startup" in only:
+        jobs.append(Job("python -c pass", "startup", [py, "-c", "pass"]))
+        base = "python -c pass"
+        jobs.append(Job("import jax", "startup", [py, "-c", "import jax"], base))
+        jobs.append(Job("import superswallow_jax.merge", "startup", [py, "-c", "import superswallow_jax.merge"], base))
+        jobs.append(Job("superswallow --help", "startup", [cli, "--help"], base))
+        if tiny is not None:
+            cfg = rewrite_config(RECIPES["superswallow"], tiny, work / "tiny-superswallow.yaml")
+            out = work / "out-tiny"
+            jobs.append(Job("ours tiny preset (CLI)", "startup", [cli, "merge", str(cfg), str(out), "--force", "-q"],
+                            base, out))
+            out2 = work / "out-tiny-probe"
+            jobs.append(Job("ours tiny preset (probe, no fsync)", "startup",
+                            [py, str(BENCH / "merge_probe.py"), str(cfg), str(out2), "--t0", "{T0}", "--no-fsync"],
+                            base, out2))
+    return jobs
+
+
+# ------------------------------------------------------------------ report
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, spec=".2f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def report(jobs: list[Job]) -> None:
+    by_name = {j.name: j for j in jobs}
+    medians = {j.name: med([r.wall for r in j.runs if r.ok]) for j in jobs}
+    w = max(len(j.name) for j in jobs) + 2
+    print()
+    head = (f"{'measurement':<{w}}{'median s':>9}{'min s':>8}{'max s':>8}{'ratio':>8}  {'vs':<15}"
+            f"{'RSS MB':>8}{'CPU s':>8}{'XLA':>5}{'ok':>6}")
+    print(head)
+    print("-" * len(head))
+    group = None
+    for j in jobs:
+        if j.group != group and group is not None:
+            print()
+        group = j.group
+        ok = [r for r in j.runs if r.ok]
+        m = medians[j.name]
+        base = medians.get(j.baseline) if j.baseline else None
+        ratio = m / base if (m is not None and base) else None
+        walls = [r.wall for r in ok]
+        print(f"{j.name:<{w}}{fmt(m, '.3f'):>9}{fmt(min(walls) if walls else None, '.3f'):>8}"
+              f"{fmt(max(walls) if walls else None, '.3f'):>8}{fmt(ratio, '.2f') + ('x' if ratio else ''):>8}  "
+              f"{(j.baseline or '-'):<15}{fmt(med([r.rss_mb for r in ok]), '.0f'):>8}"
+              f"{fmt(med([r.cpu for r in ok]), '.2f'):>8}{fmt(med([r.compiles for r in ok]), '.0f'):>5}"
+              f"{f'{len(ok)}/{len(j.runs)}':>6}")
+
+    # mergekit vs ours
+    lines = []
+    for r in RECIPES:
+        mk, ours = medians.get(f"mergekit {r}"), medians.get(f"ours {r} (CLI)")
+        if mk and ours:
+            lines.append(f"  {r}: mergekit {mk:.2f} s / ours (CLI) {ours:.2f} s = {mk / ours:.1f}x faster")
+    if lines:
+        print("\nspeed-up over mergekit (median wall):")
+        print("\n".join(lines))
+
+    # probe phases
+    phase_lines = []
+    for j in jobs:
+        if "merge_probe.py" not in " ".join(j.argv):
+            continue
+        marks = []
+        for r in j.runs:
+            if r.ok:
+                try:
+                    marks.append(json.loads(r.stdout.strip().splitlines()[-1])["marks"])
+                except (ValueError, IndexError, KeyError):
+                    pass
+        if not marks:
+            continue
+        keys = ["python_up", "imported", "planned", "first_chunk", "loop_done", "done"]
+        vals = {k: med([m.get(k) for m in marks]) for k in keys}
+        phase_lines.append(f"  {j.name:<{w}}" + "".join(f"{fmt(vals[k], '.2f'):>12}" for k in keys))
+    if phase_lines:
+        print("\nphase times of probe runs (median s since launch):")
+        print(f"  {'':<{w}}" + "".join(f"{k:>12}" for k in
+                                        ["python_up", "imported", "planned", "first_chunk", "loop_done", "done"]))
+        print("\n".join(phase_lines))
+
+    loads = [r.load for j in jobs for r in j.runs]
+    if loads:
+        one = [float(x.split()[0]) for x in loads]
+        print(f"\n1-min load average before each run: min {min(one):.2f}, median {statistics.median(one):.2f}, "
+              f"max {max(one):.2f}")
+
+    failed = [(j, r) for j in jobs for r in j.runs if not r.ok]
+    if failed:
+        print("\nFAILURES (stderr tail, JAX compile-log lines removed):")
+        seen = set()
+        for j, r in failed:
+            key = (j.name, r.err_tail)
+            if key in seen:
+                continue
+            seen.add(key)
+            print(f"--- {j.name}:")
+            print(r.err_tail)
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=Path, default=Path("/tmp/ssj-bench-models"),
+                    help="folder for the 1.3gb pair (made if missing, reused if present)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder for configs and outputs (default: a temp dir)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable")
+    ap.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {','.join(GROUPS)}")
+    ap.add_argument("--keep", action="store_true", help="keep the outputs of the last round")
+    args = ap.parse_args()
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    bad = set(args.only) - set(GROUPS)
+    if bad:
+        ap.error(f"--only: unknown {sorted(bad)} (choose from {','.join(GROUPS)})")
+    if not Path(TIME).exists():
+        raise SystemExit(f"{TIME} not found (apt-get install time)")
+    if "mergekit" in args.only and args.mergekit and not Path(args.mergekit).exists():
+        raise SystemExit(f"--mergekit {args.mergekit}: not found")
+
+    info = machine_info()
+    print(f"# bench_merge  {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    print("# machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print(f"# load average at start: {loadavg()}")
+
+    models = args.models.resolve()
+    ensure_models(models, "1.3gb", ("swallow", "tulu"))
+    tiny = None
+    if "startup" in args.only:
+        tiny = models / "tiny"
+        ensure_models(tiny, "tiny", ("swallow", "tulu"))
+    sw, tu = models / "swallow", models / "tulu"
+    print(f"# inputs: swallow {weight_bytes(sw) / 1e9:.3f} GB, tulu {weight_bytes(tu) / 1e9:.3f} GB")
+
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="ssj-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    jobs = build_jobs(args, work, models, tiny)
+    if args.mergekit is None and "mergekit" in args.only:
+        print("# mergekit: skipped (no --mergekit PATH)")
+    print(f"# {len(jobs)} measurements x {args.repeat} repeats, round-robin; work dir {work}")
+    print(f"# warm-up read of both inputs: {warm([sw, tu]):.2f} s", flush=True)
+
+    try:
+        for rep in range(args.repeat):
+            warm([sw, tu])
+            for j in jobs:
+                r = run_job(j, work)
+                j.runs.append(r)
+                status = "ok" if r.ok else "FAILED"
+                print(f"  [{rep + 1}/{args.repeat}] {j.name:<44} {r.wall:8.3f} s  "
+                      f"{fmt(r.rss_mb, '.0f'):>6} MB  xla={r.compiles}  load={r.load}  {status}", flush=True)
+    finally:
+        print(f"# load average at end: {loadavg()}")
+        report(jobs)
+        if not args.keep:
+            for j in jobs:
+                _clear(j.out)
+            if args.work is None:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Run one merge through the library (``run_merge``) and report phase times.
+
+Used by ``bench/bench_merge.py`` for the variants the CLI cannot express
+(``fsync=False``, ``hash_inputs=False``) and for time-to-first-chunk.
+
+    python bench/merge_probe.py CONFIG OUT [--no-fsync] [--no-hash-inputs]
+                                [--chunk-elems N] [--t0 EPOCH]
+
+Prints one JSON line. All times are seconds since ``--t0`` (the launcher's
+``time.time()`` just before it started this process; default: this script's
+first line), so they include interpreter start-up:
+
+* ``imported``: ``superswallow_jax.merge`` imported (jax included);
+* ``planned``: the plan is built (headers read, tokenizer aligned);
+* ``first_chunk``: the first output chunk was dispatched;
+* ``loop_done``: the last chunk was dispatched (streaming phase over);
+* ``done``: ``run_merge`` returned (digests, manifest, fsync, renames).
+"""
+
+import time
+
+_T_START = time.time()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+if not __package__:  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--no-fsync", action="store_true")
+    ap.add_argument("--no-hash-inputs", action="store_true")
+    ap.add_argument("--chunk-elems", type=int, default=None)
+    ap.add_argument("--t0", type=float, default=None)
+    args = ap.parse_args()
+    t0 = args.t0 if args.t0 is not None else _T_START
+    marks: dict[str, float] = {"python_up": _T_START - t0}
+
+    from superswallow_jax.config import load_config
+    from superswallow_jax.merge import run_merge
+
+    marks["imported"] = time.time() - t0
+    state = {"first": None, "last": None, "bytes": 0}
+
+    def on_plan(_plan):
+        marks["planned"] = time.time() - t0
+
+    def progress(n):
+        now = time.time() - t0
+        if state["first"] is None:
+            state["first"] = now
+        state["last"] = now
+        state["bytes"] += n
+
+    res = run_merge(
+        load_config(args.config), args.out, force=True, chunk_elems=args.chunk_elems,
+        progress=progress, on_plan=on_plan, fsync=not args.no_fsync, hash_inputs=not args.no_hash_inputs,
+    )
+    marks["first_chunk"] = state["first"]
+    marks["loop_done"] = state["last"]
+    marks["done"] = time.time() - t0
+    print(json.dumps({
+        "marks": {k: (round(v, 4) if v is not None else None) for k, v in marks.items()},
+        "tensors": res.tensors, "bytes_written": res.bytes_written, "input_bytes": state["bytes"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
