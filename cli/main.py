@@ -58,6 +58,8 @@ def merge(
 
     try:
         cfg = load_config(config)
+        for w in cfg.warnings:
+            typer.echo(f"warning: {w}", err=True)
         size = parse_size(shard_size)
         progress_ctx = None
         bar = {}

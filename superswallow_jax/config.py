@@ -8,14 +8,14 @@ fall back to a default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from .errors import ConfigError
-from .methods.registry import METHODS, MethodSpec, get_method
+from .methods.registry import ALL_PARAMS, METHODS, MethodSpec, get_method
 from .params import Setting, parse_setting
 
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -73,7 +73,7 @@ class MergeConfig:
     chat_template: str | None
     text: str
     path: Path | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     def referenced_models(self) -> tuple[str, ...]:
         """All model references in config order (base first if set), unique."""
@@ -107,7 +107,7 @@ def _model_ref(raw: object, where: str) -> str:
     return raw.strip()
 
 
-def _params(raw: object, where: str, method: MethodSpec, allowed: Mapping[str, Any]) -> Mapping[str, Setting]:
+def _params(raw: object, where: str, method: MethodSpec, allowed: Mapping[str, Any], warn: list[str]) -> Mapping[str, Setting]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -116,9 +116,15 @@ def _params(raw: object, where: str, method: MethodSpec, allowed: Mapping[str, A
     for k, v in raw.items():
         if k not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
-            raise ConfigError(
-                f"{where}.{k}: unknown parameter for merge_method {method.name} (known: {known})"
-            )
+            if k in ALL_PARAMS and k in method.params:
+                pass  # a per-model parameter given at a shared level (or vice versa): fine
+            elif k in ALL_PARAMS:
+                warn.append(f"{where}.{k}: not a parameter of merge_method {method.name}; ignored")
+                continue
+            else:
+                raise ConfigError(
+                    f"{where}.{k}: unknown parameter for merge_method {method.name} (known: {known})"
+                )
         out[k] = parse_setting(v, f"{where}.{k}")
     return out
 
@@ -144,7 +150,7 @@ def _layer_range(raw: object, where: str) -> tuple[int, int]:
     return (raw[0], raw[1])
 
 
-def _source(raw: object, where: str, method: MethodSpec, need_range: bool) -> SourceSpec:
+def _source(raw: object, where: str, method: MethodSpec, need_range: bool, warn: list[str]) -> SourceSpec:
     if isinstance(raw, str):
         raw = {"model": raw}
     if not isinstance(raw, dict):
@@ -160,7 +166,7 @@ def _source(raw: object, where: str, method: MethodSpec, need_range: bool) -> So
         if "layer_range" not in raw:
             raise ConfigError(f"{where}.layer_range: missing")
         lr = _layer_range(raw["layer_range"], f"{where}.layer_range")
-    params = _params(raw.get("parameters"), f"{where}.parameters", method, method.per_model)
+    params = _params(raw.get("parameters"), f"{where}.parameters", method, method.per_model, warn)
     return SourceSpec(_model_ref(raw["model"], f"{where}.model"), lr, params, where)
 
 
@@ -222,6 +228,7 @@ def _tok_source(raw: object, where: str) -> str:
 
 def parse_config(text: str, path: Path | None = None) -> MergeConfig:
     """Parse and validate YAML text. ``path`` is only used in error messages."""
+    warn: list[str] = []
     file = str(path) if path else "<config>"
     try:
         data = yaml.safe_load(text)
@@ -244,13 +251,13 @@ def parse_config(text: str, path: Path | None = None) -> MergeConfig:
         raise ConfigError(f"{file}: modules: the per-module form is not supported yet; use models or slices")
     base = data.get("base_model")
     base = _model_ref(base, f"{file}: base_model") if base is not None else None
-    gparams = _params(data.get("parameters"), f"{file}: parameters", method, method.params)
+    gparams = _params(data.get("parameters"), f"{file}: parameters", method, method.params, warn)
     models = slices = None
     if present[0] == "models":
         raw = data["models"]
         if not isinstance(raw, list) or not raw:
             raise ConfigError(f"{file}: models: must be a non-empty list")
-        models = tuple(_source(m, f"{file}: models[{i}]", method, False) for i, m in enumerate(raw))
+        models = tuple(_source(m, f"{file}: models[{i}]", method, False, warn) for i, m in enumerate(raw))
     else:
         raw = data["slices"]
         if not isinstance(raw, list) or not raw:
@@ -266,13 +273,13 @@ def parse_config(text: str, path: Path | None = None) -> MergeConfig:
             srcs = sl["sources"]
             if not isinstance(srcs, list) or not srcs:
                 raise ConfigError(f"{w}.sources: must be a non-empty list")
-            sources = tuple(_source(s, f"{w}.sources[{j}]", method, True) for j, s in enumerate(srcs))
+            sources = tuple(_source(s, f"{w}.sources[{j}]", method, True, warn) for j, s in enumerate(srcs))
             spans = {s.layer_range[1] - s.layer_range[0] for s in sources}  # type: ignore[index]
             if len(spans) != 1:
                 raise ConfigError(f"{w}.sources: all sources must span the same number of layers")
             sb = sl.get("base_model")
             sb = _model_ref(sb, f"{w}.base_model") if sb is not None else None
-            out.append(SliceSpec(sources, sb, _params(sl.get("parameters"), f"{w}.parameters", method, method.params), w))
+            out.append(SliceSpec(sources, sb, _params(sl.get("parameters"), f"{w}.parameters", method, method.params, warn), w))
         slices = tuple(out)
     chat = data.get("chat_template")
     if chat is not None and not isinstance(chat, str):
@@ -290,6 +297,7 @@ def parse_config(text: str, path: Path | None = None) -> MergeConfig:
         chat_template=chat,
         text=text,
         path=path,
+        warnings=tuple(warn),
     )
 
 

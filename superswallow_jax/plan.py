@@ -369,7 +369,10 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
     out_cfg = dict(models[donor].config)
     dname = CODE_TO_NAME.get(forced_out or dtype or "")
     if dname:
-        out_cfg["torch_dtype"] = dname
+        # transformers v5 writes "dtype", 4.x "torch_dtype": update what the base uses
+        keys = [k for k in ("dtype", "torch_dtype") if k in out_cfg] or ["torch_dtype"]
+        for k in keys:
+            out_cfg[k] = dname
     if cfg.slices is not None and arch.num_layers_key:
         out_cfg[arch.num_layers_key] = out_layer
     if tokenizer is not None:

@@ -47,9 +47,26 @@ def gta(base, xs, weights, *, d, consensus, normalize, lam=1.0, masks=None, fact
     return rnd(b + m, d).astype(D[d])
 
 
+def fma(x, c, acc):
+    """Correctly rounded float32 x * c + acc via float64 round-to-odd (53 >= 24 + 2 bits)."""
+    p = x.astype(np.float64) * np.float64(c)  # exact: 24 + 24 bits
+    a = np.asarray(acc, np.float64)
+    s = p + a
+    bb = s - p
+    e = (p - (s - bb)) + (a - bb)
+    bits = s.view(np.uint64).copy()
+    fix = (e != 0) & ((bits & 1) == 0)
+    up = (e > 0) == (s > 0)
+    bits[fix & up] += 1
+    bits[fix & ~up] -= 1
+    return bits.view(np.float64).astype(np.float32)
+
+
 def linear(xs, weights, *, d, normalize):
     w = np.asarray(weights, np.float32)
-    acc = tsum([rnd(x, d) * w[i] for i, x in enumerate(xs)])
+    acc = np.zeros_like(xs[0], dtype=np.float32)
+    for i, x in enumerate(xs):
+        acc = fma(rnd(x, d), w[i], acc)
     if normalize:
         acc = acc / tsum([w[i] for i in range(len(xs))])
     return acc.astype(D[d])

@@ -88,6 +88,12 @@ def test_errors_name_the_key(text, needle, tmp_path):
     assert needle in msg and str(path) in msg and "\n" not in msg
 
 
+def test_parameter_of_another_method_is_ignored_with_warning():
+    cfg = parse_config(BASE.replace("{weight: 0.5}", "{weight: 0.5, gamma: 0.01}"))
+    assert "gamma" not in cfg.models[1].parameters
+    assert any("gamma" in w and "ignored" in w for w in cfg.warnings)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

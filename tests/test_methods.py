@@ -133,3 +133,18 @@ def test_magnitude_k():
     assert sparsify.magnitude_k(0.5, 11) == 5
     assert sparsify.magnitude_k(0.01, 10) == 1
     assert sparsify.magnitude_k(0.0, 10) == 0
+
+
+def test_fma_emulation_is_correctly_rounded():
+    from superswallow_jax.methods.numerics import fma
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(200_000) * 0.05).astype(np.float32)
+    acc = (rng.standard_normal(200_000) * 0.01).astype(np.float32)
+    for c in (0.3, 0.6, 1 / 3, -0.7, 1e-3):
+        got = np.asarray(jax.jit(fma)(x, np.float32(c), acc))
+        want = ref.fma(x, np.float32(c), acc)
+        assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
+    # cases where separate rounding differs from a fused multiply-add
+    sep = (x * np.float32(1 / 3)) + acc
+    assert np.count_nonzero(sep != ref.fma(x, np.float32(1 / 3), acc)) > 0

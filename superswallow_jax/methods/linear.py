@@ -1,9 +1,11 @@
 """``linear``: weighted average, as mergekit 0.1.5 computes it.
 
-    out = rnd_d( (sum_i w_i * X_i) / (sum_i w_i) )       # normalize = true
+    c_i = f32(w_i);  acc = 0;  acc = fma(X_i, c_i, acc) for i = 1..k (model order)
+    out = rnd_d(acc / (c_1 + ... + c_k))                   # normalize = true
 
-All arithmetic is float32 (weights are float32, not rounded to ``d``),
-accumulated left to right in model order, rounded once at the end.
+All arithmetic is float32: a chain of fused multiply-adds (one rounding
+each, emulated exactly by :func:`~.numerics.fma`), one true division and one
+final rounding to the working dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from .numerics import as_f32, divide, rounder, sum_f32
+from .numerics import as_f32, divide, fma, rounder, sum_f32
 
 
 def linear(xs: Sequence[jnp.ndarray], weights: jnp.ndarray, *, normalize: bool, work: str) -> jnp.ndarray:
@@ -27,9 +29,9 @@ def linear(xs: Sequence[jnp.ndarray], weights: jnp.ndarray, *, normalize: bool, 
       float32 array of the common shape, already rounded to ``work``.
     """
     rnd = rounder(work)
-    f32 = rounder("F32")  # products rounded separately: no FMA contraction
-    terms = [f32(as_f32(rnd(as_f32(x))) * weights[i]) for i, x in enumerate(xs)]
-    acc = sum_f32(terms)
+    acc = jnp.zeros(xs[0].shape, jnp.float32)
+    for i, x in enumerate(xs):
+        acc = fma(rnd(as_f32(x)), weights[i], acc)
     if normalize:
         wsum = sum_f32([weights[i] for i in range(len(xs))])
         acc = divide(acc, wsum)

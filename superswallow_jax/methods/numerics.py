@@ -71,3 +71,45 @@ def sum_f32(terms: Sequence[jnp.ndarray]) -> jnp.ndarray:
 
 def as_f32(x: jnp.ndarray) -> jnp.ndarray:
     return x.astype(jnp.float32)
+
+
+def _two_sum(a: jnp.ndarray, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Knuth's TwoSum: s = RN(a + b) and the exact error e = a + b - s (float32)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Veltkamp split of float32 ``x`` into 12-bit halves, hi + lo == x exactly."""
+    c = fp_barrier(x * jnp.float32(4097.0))
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def _round_to_odd_sum(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """a + b rounded to odd: if inexact, the neighbour whose last significand bit is 1."""
+    s, e = _two_sum(a, b)
+    bits = lax.bitcast_convert_type(s, jnp.uint32)
+    fix = (e != 0) & ((bits & jnp.uint32(1)) == 0)
+    toward_larger_magnitude = (e > 0) == (s > 0)
+    adj = jnp.where(toward_larger_magnitude, bits + jnp.uint32(1), bits - jnp.uint32(1))
+    return lax.bitcast_convert_type(jnp.where(fix, adj, bits), jnp.float32)
+
+
+def fma(x: jnp.ndarray, c: jnp.ndarray, acc: jnp.ndarray) -> jnp.ndarray:
+    """Correctly rounded float32 ``x * c + acc`` (one rounding), on any backend.
+
+    torch's CPU ``linear`` accumulation is a chain of fused multiply-adds; XLA
+    has no FMA op and decides contraction itself, so it is emulated exactly:
+    Dekker's product gives ``x * c = p + err`` exactly, and the three-term sum
+    ``acc + p + err`` is rounded once with Boldo and Melquiond's round-to-odd
+    algorithm. Exact for normal numbers (XLA:CPU flushes subnormals).
+    """
+    p = fp_barrier(x * c)
+    xh, xl = _split(x)
+    ch, cl = _split(c)
+    err = ((xh * ch - p) + xh * cl + xl * ch) + xl * cl
+    uh, ul = _two_sum(p, err)
+    th, tl = _two_sum(acc, uh)
+    return th + _round_to_odd_sum(tl, ul)

@@ -125,3 +125,12 @@ def get_method(name: object, where: str) -> MethodSpec:
         known = ", ".join(sorted(METHODS))
         raise ConfigError(f"{where}: unknown merge method {name!r} (supported: {known})")
     return METHODS[name]
+
+
+#: Every parameter name some method accepts. A config naming a parameter that no
+#: method knows is an error (a typo); one that another method uses is ignored
+#: with a warning, as mergekit ignores it.
+ALL_PARAMS = frozenset(p for m in METHODS.values() for p in m.params) | frozenset(
+    {"gamma", "epsilon", "select_topk", "t", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise",
+     "normalize_weights", "eps", "max_iter", "tol", "r", "alpha"}
+)
