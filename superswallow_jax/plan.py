@@ -31,7 +31,7 @@ from .errors import ConfigError, PlanError
 from .io.model_dir import read_model_config, resolve_model_dir
 from .io.reader import DTYPES, Checkpoint, TensorInfo
 from .io.writer import TensorSpec, assign_shards
-from .methods.registry import REQUIRED, MethodSpec
+from .methods.registry import MethodSpec
 from .params import Setting
 
 CODE_TO_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}

@@ -1,0 +1,45 @@
+"""Chunk programs for ``linear`` and ``passthrough``."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from ..io.reader import DTYPES
+from ..methods.linear import linear
+from ..methods.passthrough import passthrough
+from ..stream import StepContext
+from . import register
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_kernel(work: str, out: str, normalize: bool):
+    return jax.jit(lambda xs, w: linear(xs, w, normalize=normalize, work=work).astype(DTYPES[out]))
+
+
+@functools.lru_cache(maxsize=None)
+def _passthrough_kernel(work: str, out: str, scaled: bool):
+    return jax.jit(lambda x, s: passthrough(x, s if scaled else None, work=work).astype(DTYPES[out]))
+
+
+@register("linear")
+def prepare_linear(ctx: StepContext):
+    step = ctx.step
+    kern = _linear_kernel(step.work_dtype, step.out_dtype, bool(step.params.get("normalize")))
+    w = np.array([s.params["weight"] for s in step.sources], np.float32)
+    return lambda xs, a, b: kern(xs, w)
+
+
+def passthrough_program(ctx: StepContext, index: int = 0, scale: float | None = None):
+    """Copy input ``index`` (rounded to the working dtype, optionally scaled)."""
+    step = ctx.step
+    kern = _passthrough_kernel(step.work_dtype, step.out_dtype, scale is not None)
+    s = np.float32(1.0 if scale is None else scale)
+    return lambda xs, a, b: kern(xs[index], s)
+
+
+@register("passthrough")
+def prepare_passthrough(ctx: StepContext):
+    return passthrough_program(ctx, 0, ctx.step.sources[0].params.get("scale"))

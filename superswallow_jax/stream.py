@@ -1,0 +1,98 @@
+"""Chunked access to a step's inputs: chunk boundaries, compile buckets, zero-copy reads.
+
+A tensor is processed as flat chunks of at most ``chunk`` elements (a
+multiple of :data:`~superswallow_jax.methods.sparsify.BLOCK`). A chunk shorter
+than the step's compile bucket is zero-padded, so one XLA compile serves all
+big tensors of a (method, source count, dtype) combination and small tensors
+share a few power-of-two buckets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .io.reader import DTYPES
+from .methods import sparsify as sp
+from .plan import Plan, Step
+
+DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M elements: 8 MB per bf16 input chunk
+MIN_BUCKET = 1 << 10
+
+
+def chunk_size(chunk_elems: int) -> int:
+    """Round a requested chunk size to a positive multiple of the rescale block."""
+    return max(sp.BLOCK, (int(chunk_elems) // sp.BLOCK) * sp.BLOCK)
+
+
+def bucket_for(numel: int, chunk: int) -> int:
+    """Compile bucket (padded length) for a tensor of ``numel`` elements."""
+    if numel >= chunk:
+        return chunk
+    return max(MIN_BUCKET, 1 << max(0, (numel - 1).bit_length()))
+
+
+def pad(x: np.ndarray, n: int) -> np.ndarray:
+    """``x`` zero-padded to ``n`` elements (returned as is when already that long)."""
+    if x.size == n:
+        return x
+    out = np.zeros(n, dtype=x.dtype)
+    out[: x.size] = x
+    return out
+
+
+class InputFetcher:
+    """Produces the input chunks of a step (zero-copy where possible)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def _view(self, step: Step, i: int) -> np.ndarray:
+        src = step.sources[i]
+        return self.plan.models[src.model].checkpoint.file(src.tensor).view(src.tensor.name)
+
+    def chunk(self, step: Step, i: int, a: int, b: int) -> np.ndarray:
+        """Elements [a, b) of source ``i`` of ``step``, flattened (dtype as stored)."""
+        if not step.embed:
+            return self._view(step, i).reshape(-1)[a:b]
+        hidden = step.shape[1]
+        r0, r1 = a // hidden, -(-b // hidden)
+        views = [self._view(step, j) for j in range(len(step.sources))]
+        read_rows = lambda j, ids: views[j][ids]  # noqa: E731  (source j's original rows; copies only those)
+        rows = step.alignment.aligned_rows(i, r0, r1, read_rows, DTYPES[step.work_dtype], tensor=step.name)
+        return np.ascontiguousarray(rows).reshape(-1)[a - r0 * hidden : b - r0 * hidden]
+
+    def release(self, step: Step, a: int, b: int) -> None:
+        """Drop the page-cache pages of the consumed input range [a, b) (MADV_DONTNEED)."""
+        if step.embed:
+            return
+        for src in step.sources:
+            isz = src.tensor.np_dtype.itemsize
+            self.plan.models[src.model].checkpoint.file(src.tensor).release(src.tensor, a * isz, b * isz)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a chunk program needs to know about one step."""
+
+    plan: Plan
+    step: Step
+    seed: int
+    chunk: int
+    bucket: int
+    fetch: InputFetcher
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """Flat element ranges [a, b) covering the tensor, in order."""
+        n = self.step.numel
+        for a in range(0, n, self.chunk):
+            yield a, min(n, a + self.chunk)
+
+    def inputs(self, a: int, b: int) -> list[np.ndarray]:
+        """Every source's elements [a, b), zero-padded to the bucket."""
+        return [pad(self.fetch.chunk(self.step, i, a, b), self.bucket) for i in range(len(self.step.sources))]
+
+    def release(self, a: int, b: int) -> None:
+        self.fetch.release(self.step, a, b)
