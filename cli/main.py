@@ -49,14 +49,27 @@ def merge(
     force: bool = typer.Option(False, help="write into a non-empty output folder"),
     chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 4M)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    coordinator: Optional[str] = typer.Option(None, help="multi-process: HOST:PORT of process 0's coordinator"),
+    num_processes: Optional[int] = typer.Option(None, help="multi-process: number of processes"),
+    process_id: Optional[int] = typer.Option(None, help="multi-process: this process's index"),
+    distributed: bool = typer.Option(False, help="multi-process: take the set-up from the environment (TPU pods, SLURM)"),
 ) -> None:
-    """Merge the models of CONFIG into the folder OUT."""
+    """Merge the models of CONFIG into the folder OUT.
+
+    Uses all local devices. With --coordinator/--num-processes/--process-id (or
+    --distributed), each process merges and writes a share of the output shards.
+    """
     from superswallow_jax.config import load_config
-    from superswallow_jax.errors import SuperswallowError
+    from superswallow_jax.devices import init_distributed
+    from superswallow_jax.errors import ConfigError, SuperswallowError
     from superswallow_jax.io.writer import parse_size
     from superswallow_jax.merge import run_merge
 
     try:
+        if coordinator is not None and (num_processes is None or process_id is None):
+            raise ConfigError("--coordinator needs --num-processes and --process-id")
+        procs = init_distributed(coordinator, num_processes, process_id, distributed)
+        quiet = quiet or not procs.is_main
         cfg = load_config(config)
         for w in cfg.warnings:
             typer.echo(f"warning: {w}", err=True)
@@ -84,7 +97,7 @@ def merge(
         try:
             res = run_merge(
                 cfg, out, seed=seed, shard_size=size, out_dtype=_dtype_code(out_dtype), force=force,
-                chunk_elems=chunk_elems, progress=on_progress, on_plan=on_plan,
+                chunk_elems=chunk_elems, progress=on_progress, on_plan=on_plan, procs=procs,
             )
         finally:
             if progress_ctx is not None:
@@ -148,6 +161,24 @@ def tiny(
         return
     for name, path in made.items():
         typer.echo(f"{name}: {path}")
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods with their parameters, defaults and a one-line description."""
+    from superswallow_jax.methods.registry import METHODS
+
+    def fmt(p) -> str:
+        return f"{p.name}={'required' if p.required else p.default}"
+
+    for name in sorted(METHODS):
+        m = METHODS[name]
+        typer.echo(f"{name}: {m.doc}")
+        typer.echo(f"    base model: {m.base}")
+        if m.per_model:
+            typer.echo("    per model: " + ", ".join(fmt(p) for p in m.per_model.values()))
+        if m.global_:
+            typer.echo("    global:    " + ", ".join(fmt(p) for p in m.global_.values()))
 
 
 @app.command("hash")

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import programs
+from .devices import Placement
 from .io.writer import ShardedWriter
 from .plan import Plan, Step
 from .stream import DEFAULT_CHUNK_ELEMS, InputFetcher, StepContext, bucket_for, chunk_size
@@ -49,6 +50,7 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
     """
     chunk = chunk_size(opts.chunk_elems)
     fetch = InputFetcher(plan)
+    placement = Placement.local()
     pending: list[tuple[str, int, int, object]] = []  # dispatched, not yet written
 
     def flush(keep: int) -> None:
@@ -60,7 +62,7 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
 
     steps = plan.steps if order is None else [plan.steps[i] for i in order]
     for step in steps:
-        ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch)
+        ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch, placement)
         program = programs.prepare(ctx)
         in_bytes = sum(s.tensor.np_dtype.itemsize for s in step.sources)
         for a, b in ctx.chunks():

@@ -18,7 +18,9 @@ import yaml
 
 from . import __version__, prng
 from . import manifest as mf
+from . import devices as dv
 from .config import MergeConfig
+from .devices import ProcessInfo
 from .execute import ExecOptions, iter_results
 from .io import model_dir as md
 from .io.reader import INDEX_NAME
@@ -120,59 +122,95 @@ def run_merge(
     order: Sequence[int] | None = None,
     fsync: bool = True,
     hash_inputs: bool = True,
+    procs: ProcessInfo = ProcessInfo(0, 1),
 ) -> MergeResult:
     """Merge ``cfg`` into ``out_dir``. Raises SuperswallowError on user errors.
 
     Also writes ``merge_manifest.json`` (see :mod:`superswallow_jax.manifest`).
     Input files are hashed on a background thread while the merge runs.
+
+    With several processes (``procs``, see :mod:`superswallow_jax.devices`)
+    the output shards are divided among them by bytes; each process merges
+    and writes its own shards, and process 0 writes the index, config,
+    tokenizer, card and manifest after all shards are in place. The files are
+    the same bytes as a single-process merge.
     """
     plan = build_plan(cfg, shard_size=shard_size, out_dtype=out_dtype)
     if on_plan is not None:
         on_plan(plan)
-    out = md.prepare_output_dir(out_dir, _input_dirs(plan), force)
-    staging = md.make_staging_dir(out)
+    multi = procs.count > 1
+    if procs.is_main:
+        out = md.prepare_output_dir(out_dir, _input_dirs(plan), force)
+        if force and multi:
+            md.clear_previous_merge(out)
+    else:
+        out = Path(out_dir).expanduser().resolve()
+        out.mkdir(parents=True, exist_ok=True)
+    if multi:
+        dv.barrier("superswallow/output-ready")
+    staging = md.make_staging_dir(out, tag=f"p{procs.index}" if multi else "")
     writer = None
+    final: list[Path] = []
     try:
         specs = [TensorSpec(s.name, s.out_dtype, s.shape) for s in plan.steps]
         by_name = {s.name: s for s in specs}
         groups = [[by_name[n] for n in shard] for shard in plan.shards]
         layouts = plan_layout(groups, output_metadata(plan, seed))
-        writer = ShardedWriter(out, staging, layouts, specs)
-        hasher = mf.StreamHasher({s.name: (s.dtype, s.shape) for s in specs})
-        inputs = mf.InputHasher(input_files(plan)).start() if hash_inputs else None
+        owners = dv.assign_shards_to_processes([lay.size for lay in layouts], procs.count)
+        mine = [i for i, o in enumerate(owners) if o == procs.index]
+        my_names = {n for i in mine for n in plan.shards[i]}
+        writer = ShardedWriter(out, staging, [layouts[i] for i in mine], specs)
+        hasher = mf.StreamHasher({s.name: (s.dtype, s.shape) for s in specs if s.name in my_names})
+        inputs = mf.InputHasher(input_files(plan)).start() if (hash_inputs and procs.is_main) else None
         opts = ExecOptions(seed=seed, **({"chunk_elems": chunk_elems} if chunk_elems else {}))
+        steps = list(order) if order is not None else list(range(len(plan.steps)))
+        steps = [i for i in steps if plan.steps[i].name in my_names]
 
         def sink(name, offset, data, _w=writer):
             _w.write(name, offset, data)
             hasher.feed(name, offset, data)
 
-        for _ in iter_results(plan, opts, progress, order, sink=sink):
+        for _ in iter_results(plan, opts, progress, steps, sink=sink):
             pass
         tensor_digests = hasher.digests()
         input_hashes = inputs.join() if inputs is not None else {}
+        if multi:
+            dv.kv_publish(f"superswallow/digests/{procs.index}", {d.name: [d.dtype, list(d.shape), d.sha256] for d in tensor_digests.values()})
+            if procs.is_main:
+                dv.kv_publish("superswallow/inputs/0", input_hashes)
+            tensor_digests = {
+                n: mf.TensorDigest(n, v[0], tuple(v[1]), v[2])
+                for part in dv.kv_gather("superswallow/digests", procs.count) for n, v in part.items()
+            }
+            input_hashes = dv.kv_gather("superswallow/inputs", 1)[0]
         inputs_digest = mf.config_hash(json.dumps(sorted(input_hashes.items())))
         meta = output_metadata(plan, seed, inputs_digest, mf.model_digest(tensor_digests.values()))
-        writer.rewrite_headers(plan_layout(groups, meta))
-        extras = write_extras(plan, staging, out.name)
-        write_index(staging / INDEX_NAME, writer.layouts, specs, {"superswallow_jax": __version__})
+        final_layouts = plan_layout(groups, meta)
+        writer.rewrite_headers([final_layouts[i] for i in mine])
         writer.finish(fsync)
-        manifest = build_manifest(plan, seed, meta, input_hashes, tensor_digests, staging, writer.layouts, extras)
-        md.write_json(staging / mf.MANIFEST_NAME, manifest)
-        extras.append(staging / mf.MANIFEST_NAME)
-        if fsync:
-            for p in extras + [staging / INDEX_NAME]:
-                md.fsync_file(p)
-        if force:
+        file_hashes = {lay.filename: mf.file_sha256(staging / lay.filename) for lay in writer.layouts}
+        if force and not multi:
             md.clear_previous_merge(out)
-        shard_paths = writer.commit(fsync=fsync)
-        final = list(shard_paths)
-        for p in extras:
-            dst = out / p.name
-            p.replace(dst)
-            final.append(dst)
-        (staging / INDEX_NAME).replace(out / INDEX_NAME)  # last: its presence marks a complete folder
-        final.append(out / INDEX_NAME)
+        final += writer.commit(fsync=fsync)
         bytes_written = writer.bytes_written()
+        if multi:
+            dv.kv_publish(f"superswallow/files/{procs.index}", file_hashes)
+            file_hashes = {k: v for part in dv.kv_gather("superswallow/files", procs.count) for k, v in part.items()}
+        if procs.is_main:
+            extras = write_extras(plan, staging, out.name)
+            write_index(staging / INDEX_NAME, final_layouts, specs, {"superswallow_jax": __version__})
+            manifest = build_manifest(plan, seed, meta, input_hashes, tensor_digests, file_hashes, extras + [staging / INDEX_NAME])
+            md.write_json(staging / mf.MANIFEST_NAME, manifest)
+            extras.append(staging / mf.MANIFEST_NAME)
+            if fsync:
+                for p in extras + [staging / INDEX_NAME]:
+                    md.fsync_file(p)
+            for p in extras:
+                dst = out / p.name
+                p.replace(dst)
+                final.append(dst)
+            (staging / INDEX_NAME).replace(out / INDEX_NAME)  # last: its presence marks a complete folder
+            final.append(out / INDEX_NAME)
     finally:
         if writer is not None:
             writer.abort()
@@ -192,10 +230,10 @@ def input_files(plan: Plan) -> dict[str, Path]:
 
 
 def build_manifest(plan: Plan, seed: int, meta: dict, input_hashes: dict, tensor_digests: dict,
-                   staging: Path, layouts, extras: list[Path]) -> dict:
-    """The content of ``merge_manifest.json``."""
-    out_files = {lay.filename: mf.file_sha256(staging / lay.filename) for lay in layouts}
-    for p in extras + [staging / INDEX_NAME]:
+                   shard_hashes: dict, other_files: list[Path]) -> dict:
+    """The content of ``merge_manifest.json`` (``shard_hashes``: file name -> sha256)."""
+    out_files = dict(shard_hashes)
+    for p in other_files:
         out_files[p.name] = mf.file_sha256(p)
     return {
         "superswallow_jax": __version__,

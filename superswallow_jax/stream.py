@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .devices import Placement
 from .io.reader import DTYPES
 from .methods import sparsify as sp
 from .plan import Plan, Step
@@ -83,6 +84,7 @@ class StepContext:
     chunk: int
     bucket: int
     fetch: InputFetcher
+    placement: Placement
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         """Flat element ranges [a, b) covering the tensor, in order."""
@@ -90,9 +92,12 @@ class StepContext:
         for a in range(0, n, self.chunk):
             yield a, min(n, a + self.chunk)
 
-    def inputs(self, a: int, b: int) -> list[np.ndarray]:
-        """Every source's elements [a, b), zero-padded to the bucket."""
-        return [pad(self.fetch.chunk(self.step, i, a, b), self.bucket) for i in range(len(self.step.sources))]
+    def inputs(self, a: int, b: int) -> list:
+        """Every source's elements [a, b), zero-padded to the bucket, placed on the device(s)."""
+        return [
+            self.placement.put(pad(self.fetch.chunk(self.step, i, a, b), self.bucket))
+            for i in range(len(self.step.sources))
+        ]
 
     def release(self, a: int, b: int) -> None:
         self.fetch.release(self.step, a, b)

@@ -238,3 +238,37 @@ def test_invariant_across_device_count_and_threads(models, tmp_path):
         subprocess.run((["taskset", "-c", "0"] if i else []) + [sys.executable, "-m", "cli.main", "merge", str(cfg), str(out), "-q"], check=True, env=env, cwd=ROOT)
         digests.append(files_digest(out))
     assert digests[0] == digests[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sharded_devices_and_two_processes_identical(models, tmp_path):
+    """1 device vs 8 devices (chunks really sharded) vs 2 processes x 4 devices: same files."""
+    cfg = write_cfg(models, tmp_path, name="examples/dare-ties-d05.yaml")
+    base_env = {**os.environ, "JAX_PLATFORMS": "cpu", "SUPERSWALLOW_MIN_SHARD_ELEMS": "256"}
+    cmd = [sys.executable, "-m", "cli.main", "merge", str(cfg)]
+    extra = ["-q", "--shard-size", "150K", "--chunk-elems", "4096"]
+    one = tmp_path / "one"
+    subprocess.run(cmd + [str(one)] + extra, check=True, cwd=ROOT,
+                   env={**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    eight = tmp_path / "eight"
+    subprocess.run(cmd + [str(eight)] + extra, check=True, cwd=ROOT,
+                   env={**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    two = tmp_path / "two"
+    port = _free_port()
+    env4 = {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [
+        subprocess.Popen(cmd + [str(two)] + extra + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                         cwd=ROOT, env=env4, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len(list(one.glob("model-*.safetensors"))) >= 3
+    assert files_digest(one) == files_digest(eight) == files_digest(two)

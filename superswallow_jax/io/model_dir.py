@@ -111,9 +111,9 @@ def clear_previous_merge(out: Path) -> None:
             p.unlink()
 
 
-def make_staging_dir(out: Path) -> Path:
+def make_staging_dir(out: Path, tag: str = "") -> Path:
     """A fresh hidden folder inside ``out`` for temporary files."""
-    staging = out / f".superswallow-tmp-{os.getpid()}"
+    staging = out / f".superswallow-tmp-{os.getpid()}{'-' + tag if tag else ''}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
