@@ -27,6 +27,28 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code)
 
 
+def _compile_cache() -> None:
+    """Use a persistent XLA compilation cache (``$SUPERSWALLOW_CACHE`` or ~/.cache/superswallow_jax).
+
+    Set SUPERSWALLOW_CACHE=off to disable it.
+    """
+    import os
+
+    where = os.environ.get("SUPERSWALLOW_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "superswallow_jax", "xla"
+    )
+    if where == "off":
+        return
+    import jax
+
+    try:
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except Exception:  # an unwritable cache only costs compile time
+        pass
+
+
 def _dtype_code(name: Optional[str]) -> Optional[str]:
     if name is None:
         return None
@@ -68,6 +90,7 @@ def merge(
     try:
         if coordinator is not None and (num_processes is None or process_id is None):
             raise ConfigError("--coordinator needs --num-processes and --process-id")
+        _compile_cache()
         procs = init_distributed(coordinator, num_processes, process_id, distributed)
         quiet = quiet or not procs.is_main
         cfg = load_config(config)
@@ -222,6 +245,7 @@ def verify(
     from superswallow_jax.errors import SuperswallowError, VerifyError
     from superswallow_jax.merge import verify_stream
 
+    _compile_cache()
     try:
         select = mf.make_selector(tensors)
         actual = mf.folder_digests(out, select)
