@@ -11,9 +11,11 @@ every command runs under ``/usr/bin/time -v`` for peak RSS and CPU time):
   it fsyncs, hashes inputs and outputs, writes a manifest) for the Superswallow
   recipe (dare_ties, density 1, union tokenizer) and dare_ties density 0.5.
 * ``ours-lib`` -- the same merges through ``bench/merge_probe.py`` (``run_merge``)
-  with ``fsync=False`` (what the CLI cannot switch off), and with
-  ``fsync=False, hash_inputs=False``; also reports phase times (import, plan,
-  first chunk, end of streaming, end).
+  with ``fsync=False`` (what the CLI cannot switch off); with
+  ``fsync=False, hash_inputs=False``; and, as a what-if, additionally with the
+  output digests faked (no sha256 at all: the manifest is wrong, measurement
+  only). Also reports phase times (import, plan, first chunk, end of
+  streaming, end).
 * ``mergekit`` -- ``mergekit-yaml CONFIG OUT --random-seed 0 --quiet
   --no-write-model-card`` on the same configs (only with ``--mergekit PATH``).
 * ``startup``  -- ``python -c pass``, ``import jax``, ``import superswallow_jax.merge``,
@@ -23,11 +25,14 @@ every command runs under ``/usr/bin/time -v`` for peak RSS and CPU time):
 XLA compiles are counted from ``JAX_LOG_COMPILES=1`` ("Finished XLA compilation"
 lines on stderr). Before every timed command the previous output is deleted and
 ``sync`` is called (untimed) so that earlier dirty pages are not written back
-during the next measurement; inputs are re-read into the page cache before
-every round.
+during the next measurement, and ``--pretouch-gb`` of memory is touched and
+freed (untimed; see :func:`pretouch`: on this project's VMs, free pages
+returned to the host make the first run after a pause 2-3 s slower); inputs
+are re-read into the page cache before every round.
 
     python bench/bench_merge.py [--models DIR] [--repeat 3] [--mergekit PATH]
                                 [--only floor,ours,ours-lib,mergekit,startup]
+                                [--recipes superswallow,dare-d0.5] [--work DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -103,6 +108,23 @@ def loadavg() -> str:
     return "%.2f %.2f %.2f" % os.getloadavg()
 
 
+def cached_fraction(dirs: list[Path]) -> float | None:
+    """Fraction of the inputs' weight bytes resident in the page cache (``fincore``), or None."""
+    files = [str(f) for d in dirs for f in sorted(d.glob("*.safetensors"))]
+    if not files or not shutil.which("fincore"):
+        return None
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *files],
+                             capture_output=True, text=True, timeout=30).stdout
+        res = size = 0
+        for line in out.splitlines():
+            r, s_ = line.split()
+            res, size = res + int(r), size + int(s_)
+        return min(1.0, res / size) if size else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
 # ------------------------------------------------------------------ models and configs
 
 
@@ -168,7 +190,7 @@ class Job:
     out: Path | None = None  # removed before each run
     env: dict[str, str] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
-    note: str = ""
+    section: str = ""
 
 
 def _parse_time_v(text: str) -> tuple[float | None, float | None]:
@@ -194,9 +216,28 @@ def _clear(path: Path | None) -> None:
         path.unlink()
 
 
-def run_job(job: Job, workdir: Path) -> Run:
+def pretouch(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh anonymous memory, then free it.
+
+    On a VM with free-page reporting (virtio-balloon), freed guest pages are
+    handed back to the host after a few seconds and the next first touch costs
+    a host fault: writing 1.35 GB of new page cache then takes ~2-3 s instead
+    of ~0.35 s. Touching memory just before each timed command gives every
+    command the same start (host-backed free pages).
+    """
+    if nbytes <= 0:
+        return
+    import numpy as np
+
+    buf = np.empty(nbytes, np.uint8)
+    buf[::4096] = 1
+    del buf
+
+
+def run_job(job: Job, workdir: Path, pretouch_bytes: int = 0) -> Run:
     _clear(job.out)
     os.sync()
+    pretouch(pretouch_bytes)
     env = {**os.environ, "JAX_LOG_COMPILES": "1", **job.env}
     tfile = workdir / "time-v.txt"
     load = loadavg()
@@ -223,7 +264,7 @@ def build_jobs(args, work: Path, models: Path, tiny: Path | None) -> list[Job]:
         out = work / "floor.safetensors"
         jobs.append(Job("io-floor", "floor", [py, str(BENCH / "io_floor.py"), str(sw), str(tu), str(out)], out=out))
     floor = "io-floor" if "floor" in only else None
-    cfgs = {r: rewrite_config(src, models, work / f"{r}.yaml") for r, src in RECIPES.items()}
+    cfgs = {r: rewrite_config(src, models, work / f"{r}.yaml") for r, src in RECIPES.items() if r in args.recipes}
     for r, cfg in cfgs.items():
         if "ours" in only:
             out = work / f"out-ours-{r}"
@@ -237,11 +278,17 @@ def build_jobs(args, work: Path, models: Path, tiny: Path | None) -> list[Job]:
             probe2 = [py, str(BENCH / "merge_probe.py"), str(cfg), str(out2), "--t0", "{T0}", "--no-fsync",
                       "--no-hash-inputs"]
             jobs.append(Job(f"ours {r} (no fsync, no input hash)", "ours-lib", probe2, floor, out2))
+            out3 = work / f"out-lib3-{r}"
+            probe3 = probe2[:] + ["--no-output-hash"]
+            probe3[3] = str(out3)
+            jobs.append(Job(f"ours {r} (no fsync, no hashing)", "ours-lib", probe3, floor, out3))
         if "mergekit" in only and args.mergekit:
             out = work / f"out-mergekit-{r}"
             jobs.append(Job(f"mergekit {r}", "mergekit",
                             [args.mergekit, str(cfg), str(out), "--random-seed", "0", "--quiet",
                              "--no-write-model-card"], floor, out))
+    for j in jobs:
+        j.section = j.name.split()[1] if j.group in ("ours", "ours-lib", "mergekit") else j.group
     if "startup" in only:
         jobs.append(Job("python -c pass", "startup", [py, "-c", "pass"]))
         base = "python -c pass"
@@ -257,6 +304,8 @@ def build_jobs(args, work: Path, models: Path, tiny: Path | None) -> list[Job]:
             jobs.append(Job("ours tiny preset (probe, no fsync)", "startup",
                             [py, str(BENCH / "merge_probe.py"), str(cfg), str(out2), "--t0", "{T0}", "--no-fsync"],
                             base, out2))
+    for j in jobs:
+        j.section = j.section or j.group
     return jobs
 
 
@@ -273,7 +322,8 @@ def fmt(x, spec=".2f", none="-"):
 
 
 def report(jobs: list[Job]) -> None:
-    by_name = {j.name: j for j in jobs}
+    order = ["floor", *RECIPES, "startup"]
+    jobs = sorted(jobs, key=lambda j: order.index(j.section) if j.section in order else len(order))
     medians = {j.name: med([r.wall for r in j.runs if r.ok]) for j in jobs}
     w = max(len(j.name) for j in jobs) + 2
     print()
@@ -281,11 +331,11 @@ def report(jobs: list[Job]) -> None:
             f"{'RSS MB':>8}{'CPU s':>8}{'XLA':>5}{'ok':>6}")
     print(head)
     print("-" * len(head))
-    group = None
+    section = None
     for j in jobs:
-        if j.group != group and group is not None:
+        if j.section != section and section is not None:
             print()
-        group = j.group
+        section = j.section
         ok = [r for r in j.runs if r.ok]
         m = medians[j.name]
         base = medians.get(j.baseline) if j.baseline else None
@@ -360,9 +410,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable")
     ap.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {','.join(GROUPS)}")
+    ap.add_argument("--pretouch-gb", type=float, default=4.0,
+                    help="touch and free this much memory before each timed command (0: off; see pretouch())")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {','.join(RECIPES)}")
     ap.add_argument("--keep", action="store_true", help="keep the outputs of the last round")
     args = ap.parse_args()
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    args.recipes = [x.strip() for x in args.recipes.split(",") if x.strip()]
+    if set(args.recipes) - set(RECIPES):
+        ap.error(f"--recipes: unknown {sorted(set(args.recipes) - set(RECIPES))} (choose from {','.join(RECIPES)})")
     bad = set(args.only) - set(GROUPS)
     if bad:
         ap.error(f"--only: unknown {sorted(bad)} (choose from {','.join(GROUPS)})")
@@ -397,11 +453,14 @@ def main() -> None:
         for rep in range(args.repeat):
             warm([sw, tu])
             for j in jobs:
-                r = run_job(j, work)
+                cached = cached_fraction([sw, tu]) if j.group != "startup" else None
+                r = run_job(j, work, int(args.pretouch_gb * 2**30))
                 j.runs.append(r)
                 status = "ok" if r.ok else "FAILED"
+                cache = f"  inputs cached {cached:.0%}" if cached is not None else ""
                 print(f"  [{rep + 1}/{args.repeat}] {j.name:<44} {r.wall:8.3f} s  "
-                      f"{fmt(r.rss_mb, '.0f'):>6} MB  xla={r.compiles}  load={r.load}  {status}", flush=True)
+                      f"{fmt(r.rss_mb, '.0f'):>6} MB  cpu={fmt(r.cpu, '.2f')} s  xla={r.compiles}  "
+                      f"load={r.load}{cache}  {status}", flush=True)
     finally:
         print(f"# load average at end: {loadavg()}")
         report(jobs)

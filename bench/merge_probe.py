@@ -4,7 +4,7 @@ Used by ``bench/bench_merge.py`` for the variants the CLI cannot express
 (``fsync=False``, ``hash_inputs=False``) and for time-to-first-chunk.
 
     python bench/merge_probe.py CONFIG OUT [--no-fsync] [--no-hash-inputs]
-                                [--chunk-elems N] [--t0 EPOCH]
+                                [--no-output-hash] [--chunk-elems N] [--t0 EPOCH]
 
 Prints one JSON line. All times are seconds since ``--t0`` (the launcher's
 ``time.time()`` just before it started this process; default: this script's
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--no-fsync", action="store_true")
     ap.add_argument("--no-hash-inputs", action="store_true")
+    ap.add_argument("--no-output-hash", action="store_true",
+                    help="what-if for measurement only: fake the output digests (no sha256; the manifest is wrong)")
     ap.add_argument("--chunk-elems", type=int, default=None)
     ap.add_argument("--t0", type=float, default=None)
     args = ap.parse_args()
@@ -46,6 +48,11 @@ def main() -> None:
     from superswallow_jax.merge import run_merge
 
     marks["imported"] = time.time() - t0
+    if args.no_output_hash:
+        from superswallow_jax import manifest as mf
+
+        mf.StreamHasher.feed = lambda self, name, offset, data: None
+        mf.file_sha256 = lambda path: "0" * 64
     state = {"first": None, "last": None, "bytes": 0}
 
     def on_plan(_plan):

@@ -120,7 +120,15 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+    elif typ is int:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+            return int(value)
     raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+
+
+#: Kinds whose per-model parameters apply to non-base models only (mergekit's
+#: ``PerNonBase``): the base needs no ``weight``.
+NON_BASE_PARAM_KINDS = frozenset({"gta", "nuslerp", "multislerp"})
 
 
 def _eval_levels(levels: Sequence[tuple[Mapping[str, Setting], str]], pname: str, name: str, t: float):
@@ -148,7 +156,7 @@ def _resolve_model_params(
         v, where = _eval_levels(levels, pname, in_name, t)
         if v is None:
             if p.required:
-                if is_base and method.kind == "gta":
+                if is_base and method.kind in NON_BASE_PARAM_KINDS:
                     continue
                 raise ConfigError(f"missing required parameter {pname!r} for model {label} at tensor {in_name}")
             v, where = p.default, "default"
@@ -170,6 +178,48 @@ def _resolve_global_params(method: MethodSpec, sl: SliceSpec | None, cfg: MergeC
 
 
 # ---------------------------------------------------------------- models
+
+
+def _result_dtype(method: MethodSpec, work: str, n_sources: int, base_pos: int | None) -> str:
+    """Dtype of a step's result without ``out_dtype``: the working dtype, or the
+    method's promoted ``result_dtype`` when a non-base input takes part."""
+    has_donor = n_sources > (1 if base_pos is not None else 0)
+    return method.result_dtype if method.result_dtype and has_donor else work
+
+
+def _check_inputs(method: MethodSpec, n: int, has_base: bool, where: str, err: type = ConfigError) -> None:
+    """mergekit's input-count contract (``method.inputs``) for ``n`` inputs."""
+    c = method.inputs
+    assert c is not None
+
+    def check(what: str, count: int, lo: int, hi: int | None) -> None:
+        if count < lo or (hi is not None and count > hi):
+            need = f"exactly {lo}" if hi == lo else (f"at least {lo}" if count < lo else f"at most {hi}")
+            raise err(f"{where}: merge_method {method.name} takes {need} {what}, got {count}")
+
+    check("input models (the base included)", n, c.min_inputs, c.max_inputs)
+    if c.min_non_base is not None or c.max_non_base is not None:
+        check("models besides the base", n - int(has_base and not c.base_ignored), c.min_non_base or 0, c.max_non_base)
+
+
+def _optional_inputs(method: MethodSpec, present: Sequence[int], base: int | None, out_name: str) -> bool:
+    """An optional tensor some models lack: merge what is there (True) or leave it out (False).
+
+    A single remaining input that the policy passes through is merged as a
+    one-source step (the chunk program copies it).
+    """
+    c = method.inputs
+    assert c is not None
+    base_in = base is not None and base in present
+    single = len(present) == 1
+    if single and (c.optional == "passthrough_singleton" or (c.optional == "passthrough_base_singleton" and base_in)):
+        return True
+    if c.optional == "base_or_skip" and len(present) < c.min_inputs:
+        return single and base_in
+    if base is not None and not base_in and not c.base_ignored:
+        raise PlanError(f"tensor {out_name}: the base model lacks it, and merge_method {method.name} needs the base")
+    _check_inputs(method, len(present), base_in, f"tensor {out_name}", PlanError)
+    return True
 
 
 def load_models(cfg: MergeConfig) -> tuple[ModelInput, ...]:
@@ -261,6 +311,9 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
             if len(s.sources) != 1:
                 where = s.slice.where if s.slice else "models"
                 raise ConfigError(f"{where}: passthrough takes exactly one model per slice, got {len(s.sources)}")
+    if method.inputs is not None:
+        for s in slices:
+            _check_inputs(method, len(s.sources), s.base is not None, s.slice.where if s.slice else "models", ConfigError)
 
     # ---- tokenizer
     tokenizer = None
@@ -305,6 +358,9 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
             return
         if w.optional and not any(_has_direct(models[m].checkpoint, (w.at(first + layer_of[m]) if layer_of is not None else w)) for m, _, first in sl.sources):
             return
+        if method.inputs is not None and len(srcs) < len(sl.sources):
+            if not _optional_inputs(method, [m for m, _, _ in srcs], sl.base, out_name):
+                return
         for m, _, info in srcs:
             if info.dtype not in FLOAT_CODES:
                 raise PlanError(f"model {models[m].key}: tensor {info.name} has non-float dtype {info.dtype}")
@@ -341,7 +397,8 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
                 tokenizer, [mtoks[m] for m, _, _ in srcs], [models[m].key for m, _, _ in srcs], base_pos, overrides,
             )
         steps.append(Step(
-            name=out_name, shape=tuple(shape), out_dtype=forced_out or work, work_dtype=work, sources=sources,
+            name=out_name, shape=tuple(shape), out_dtype=forced_out or _result_dtype(method, work, len(srcs), base_pos),
+            work_dtype=work, sources=sources,
             base=base_pos, params=_resolve_global_params(method, sl.slice, cfg, out_name, t), embed=embed, t=t,
             layer=out_layer, alignment=alignment,
         ))

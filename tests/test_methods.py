@@ -122,7 +122,9 @@ def test_magnitude_threshold_exact():
         a = np.abs(vals)
         assert (a > thr).sum() == above
         assert above < k <= above + (a == thr).sum()
-        keep = np.asarray(jax.jit(sparsify.magnitude_keep)(jnp.asarray(vals), np.float32(thr), np.int32(k - above)))
+        # TIES keeps positions [0, k) of the descending order: top = the maximum, nothing skipped
+        a32 = jnp.asarray(np.abs(vals))
+        keep = np.asarray(jax.jit(sparsify.range_keep)(a32, np.float32(np.abs(vals).max()), np.int32(0), np.float32(thr), np.int32(k - above)))
         assert keep.sum() == k
         # ties broken by lowest flat index
         tie_idx = np.flatnonzero(a == thr)

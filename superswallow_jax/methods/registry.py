@@ -15,7 +15,7 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter: its type (float or bool), default, and a description."""
+    """A method parameter: its type (float, int or bool), default, and a description."""
 
     name: str
     type: type
@@ -28,12 +28,37 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """mergekit's input contract of a method (checked per slice and per tensor).
+
+    Counts are of all inputs (the base included) and of non-base inputs;
+    ``base_ignored`` makes the base an ordinary input. ``optional`` is what
+    happens when an optional tensor is missing from some models: ``"error"``
+    (the rest must still satisfy the contract), ``"passthrough_singleton"``
+    (one input left: copy it), ``"passthrough_base_singleton"`` (only the base
+    left: copy it) or ``"base_or_skip"`` (too few inputs: copy the base if it
+    is the only one, else leave the tensor out).
+    """
+
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    min_non_base: int | None = None
+    max_non_base: int | None = None
+    base_ignored: bool = False
+    optional: str = "error"
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A merge method: mergekit name, parameters, and which kernel runs it.
 
-    ``kind`` is ``"linear"``, ``"gta"`` or ``"passthrough"``. For ``gta``,
-    ``sparsify`` is ``None``, ``"random"`` or ``"magnitude"`` and ``consensus``
-    is ``None`` or ``"sum"``.
+    ``kind`` names the chunk program (``"linear"``, ``"gta"``, ``"sce"``,
+    ``"ram"``, ``"passthrough"``, ...). For ``gta``, ``sparsify`` is ``None``,
+    ``"random"``, ``"magnitude"``, ``"magnitude_outliers"`` or ``"della"`` and
+    ``consensus`` is ``None`` or ``"sum"``. ``result_dtype``, when set, is the
+    dtype mergekit returns (and saves, unless ``out_dtype`` is set) for tensors
+    with at least one non-base input, whatever the working dtype (ramplus_tl
+    promotes to float32).
     """
 
     name: str
@@ -46,13 +71,16 @@ class MethodSpec:
     base: str = "optional"  # "required", "optional" or "none"
     pretty: str = ""
     reference: str = ""
+    result_dtype: str | None = None
+    inputs: Inputs | None = None  # None: no contract checks beyond ``base``
 
     @property
     def params(self) -> Mapping[str, Param]:
         return {**self.per_model, **self.global_}
 
 
-def _gta(name: str, doc: str, *, sparsify, consensus, normalize: bool, rescale: bool, pretty: str, ref: str) -> MethodSpec:
+def _gta(name: str, doc: str, *, sparsify, consensus, normalize: bool, rescale: bool, pretty: str, ref: str,
+         extra: tuple[Param, ...] = ()) -> MethodSpec:
     return MethodSpec(
         name=name,
         kind="gta",
@@ -60,6 +88,7 @@ def _gta(name: str, doc: str, *, sparsify, consensus, normalize: bool, rescale: 
         per_model={
             "weight": Param("weight", float, REQUIRED, "scale of this model's task vector"),
             "density": Param("density", float, 1.0, "fraction of the task vector kept"),
+            **{p.name: p for p in extra},
         },
         global_={
             "normalize": Param("normalize", bool, normalize, "divide by the sum of (selected) weights"),
@@ -78,6 +107,11 @@ def _gta(name: str, doc: str, *, sparsify, consensus, normalize: bool, rescale: 
 TIES_REF = "https://arxiv.org/abs/2306.01708"
 DARE_REF = "https://arxiv.org/abs/2311.03099"
 TA_REF = "https://arxiv.org/abs/2212.04089"
+BREADCRUMBS_REF = "https://arxiv.org/abs/2312.06795"
+DELLA_REF = "https://arxiv.org/abs/2406.11617"
+RAM_REF = "https://arxiv.org/abs/2601.13572"
+GAMMA = Param("gamma", float, 0.01, "fraction of the largest-magnitude entries dropped as outliers")
+EPSILON = Param("epsilon", float, 0.15, "keep probabilities span density -/+ epsilon by per-row magnitude rank")
 
 METHODS: Mapping[str, MethodSpec] = {
     "linear": MethodSpec(
@@ -106,6 +140,60 @@ METHODS: Mapping[str, MethodSpec] = {
         "dare_linear", "DARE random pruning, no consensus",
         sparsify="random", consensus=None, normalize=False, rescale=True, pretty="Linear DARE", ref=DARE_REF,
     ),
+    "breadcrumbs": _gta(
+        "breadcrumbs", "Model Breadcrumbs: drop the largest (gamma) and smallest entries, no consensus",
+        sparsify="magnitude_outliers", consensus=None, normalize=False, rescale=False,
+        pretty="Model Breadcrumbs", ref=BREADCRUMBS_REF, extra=(GAMMA,),
+    ),
+    "breadcrumbs_ties": _gta(
+        "breadcrumbs_ties", "Model Breadcrumbs pruning + TIES sign consensus",
+        sparsify="magnitude_outliers", consensus="sum", normalize=False, rescale=False,
+        pretty="Model Breadcrumbs with TIES", ref=BREADCRUMBS_REF, extra=(GAMMA,),
+    ),
+    "della": _gta(
+        "della", "DELLA: per-row magnitude-ranked random pruning + TIES sign consensus",
+        sparsify="della", consensus="sum", normalize=True, rescale=True, pretty="DELLA", ref=DELLA_REF, extra=(EPSILON,),
+    ),
+    "della_linear": _gta(
+        "della_linear", "DELLA pruning, no consensus",
+        sparsify="della", consensus=None, normalize=False, rescale=True, pretty="Linear DELLA", ref=DELLA_REF,
+        extra=(EPSILON,),
+    ),
+    "sce": MethodSpec(
+        "sce",
+        "sce",
+        "SCE: select high-variance entries, weight task vectors by mean square, erase minority signs",
+        global_={
+            "int8_mask": Param("int8_mask", bool, False, "storage hint; no effect on results"),
+            "select_topk": Param("select_topk", float, 1.0, "fraction of the nonzero-variance entries kept"),
+        },
+        base="required",
+        pretty="SCE",
+        reference="https://arxiv.org/abs/2408.07990",
+    ),
+    "ram": MethodSpec(
+        "ram",
+        "ram",
+        "RAM: keep changes made by one model, average changes made by several",
+        global_={"epsilon": Param("epsilon", float, 1e-5, "|task vector| above this counts as a change")},
+        base="required",
+        pretty="Reinforced Agent Merging",
+        reference=RAM_REF,
+    ),
+    "ramplus_tl": MethodSpec(
+        "ramplus_tl",
+        "ram",
+        "RAM+ (tensor-local): RAM with unique changes scaled up by the tensor's shared/unique ratio (float32 result)",
+        global_={
+            "r": Param("r", float, 0.1, "scale of the shared/unique ratio"),
+            "alpha": Param("alpha", float, 0.2, "upper clip of the shared/unique ratio"),
+            "epsilon": Param("epsilon", float, 1e-5, "|task vector| above this counts as a change"),
+        },
+        base="required",
+        pretty="Reinforced Agent Merging Plus (Tensor-Local)",
+        reference=RAM_REF,
+        result_dtype="F32",
+    ),
     "passthrough": MethodSpec(
         "passthrough",
         "passthrough",
@@ -113,6 +201,86 @@ METHODS: Mapping[str, MethodSpec] = {
         per_model={"scale": Param("scale", float, None, "multiply the tensor by this")},
         base="none",
         pretty="Passthrough",
+    ),
+    "slerp": MethodSpec(
+        "slerp",
+        "slerp",
+        "spherical interpolation from the base (t = 0) to the other model (t = 1), float32 math",
+        global_={"t": Param("t", float, REQUIRED, "interpolation factor")},
+        base="required",
+        pretty="SLERP",
+        reference="https://en.wikipedia.org/wiki/Slerp",
+        inputs=Inputs(min_inputs=2, max_inputs=2, optional="passthrough_singleton"),
+    ),
+    "nuslerp": MethodSpec(
+        "nuslerp",
+        "nuslerp",
+        "spherical interpolation of two models (or their task vectors) at t = w2 / (w1 + w2)",
+        per_model={"weight": Param("weight", float, REQUIRED, "relative weight of this model")},
+        global_={
+            "nuslerp_row_wise": Param("nuslerp_row_wise", bool, False, "interpolate columns (vectors along axis 0)"),
+            "nuslerp_flatten": Param("nuslerp_flatten", bool, True, "interpolate the whole flattened tensor"),
+        },
+        base="optional",
+        pretty="NuSLERP",
+        inputs=Inputs(min_non_base=2, max_non_base=2, optional="passthrough_singleton"),
+    ),
+    "multislerp": MethodSpec(
+        "multislerp",
+        "multislerp",
+        "barycentric interpolation of any number of models on the hypersphere",
+        per_model={"weight": Param("weight", float, REQUIRED, "weight of this model")},
+        global_={
+            "normalize_weights": Param("normalize_weights", bool, True, "divide the weights by their sum"),
+            "eps": Param("eps", float, 1e-8, "added to norms"),
+        },
+        base="optional",
+        pretty="Multi-SLERP",
+        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        inputs=Inputs(min_non_base=1),
+    ),
+    "karcher": MethodSpec(
+        "karcher",
+        "karcher",
+        "equal-weight Karcher mean of all inputs on the hypersphere, scaled by their mean norm",
+        global_={
+            "max_iter": Param("max_iter", int, 10, "maximum iterations"),
+            "tol": Param("tol", float, 1e-5, "convergence tolerance"),
+        },
+        base="optional",
+        pretty="Karcher Mean",
+        reference="https://arxiv.org/abs/2603.04972",
+        inputs=Inputs(base_ignored=True),
+    ),
+    "model_stock": MethodSpec(
+        "model_stock",
+        "model_stock",
+        "interpolate between the base and the average of >= 2 models by their task-vector angles",
+        global_={"filter_wise": Param("filter_wise", bool, False, "one ratio per row instead of per tensor")},
+        base="required",
+        pretty="Model Stock",
+        reference="https://arxiv.org/abs/2403.19522",
+        inputs=Inputs(min_inputs=3, optional="base_or_skip"),
+    ),
+    "nearswap": MethodSpec(
+        "nearswap",
+        "nearswap",
+        "move the base towards the other model where they are within t of each other",
+        global_={"t": Param("t", float, REQUIRED, "distance scale")},
+        base="required",
+        pretty="NearSwap",
+        reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        inputs=Inputs(min_inputs=2, max_inputs=2, optional="passthrough_base_singleton"),
+    ),
+    "arcee_fusion": MethodSpec(
+        "arcee_fusion",
+        "arcee_fusion",
+        "take the other model's values where their KL-weighted change is an upper outlier (float32 result)",
+        base="required",
+        pretty="Arcee Fusion",
+        reference="https://arcee.ai",
+        result_dtype="F32",
+        inputs=Inputs(min_inputs=2, max_inputs=2, optional="passthrough_singleton"),
     ),
 }
 

@@ -5,15 +5,25 @@ Device side (pure, traceable):
 * :func:`random_keep` -- DARE: entry i kept with probability ``p``, drawn from
   the tensor's key and flat index i only (see :mod:`superswallow_jax.prng`),
   so any chunk of a tensor gives the same mask as the whole tensor.
-* :func:`magnitude_keep` -- TIES: keep entries with ``|delta| > T`` and the
-  first ``quota`` entries (by flat index) with ``|delta| == T``. The threshold
-  ``T`` and the tie quota come from a whole-tensor histogram
-  (:func:`magnitude_threshold`), so selection is exact without a sort. Our tie
-  rule (lowest flat index first) is deterministic; torch's is unspecified.
+* :func:`range_keep` -- TIES (positions ``[0, k)``), breadcrumbs
+  (magnitude_outliers) and SCE's top-k:
+  keep the entries at positions ``[start, stop)`` of the descending magnitude
+  order, given the magnitudes at both ends and per-chunk tie quotas. The
+  magnitudes come from whole-tensor bit-pattern histograms
+  (:func:`magnitude_threshold`, ``programs/select.py``): exact, no sort.
+* :func:`della_probs` / :func:`bernoulli_keep` -- DELLA: per-row magnitude
+  ranks turned into per-entry keep probabilities, then a Bernoulli draw with
+  the same per-tensor key and flat offsets as DARE.
 * :func:`apply_keep` -- ``delta * keep`` then the L1 rescale factor.
 
-Host side: :func:`rescale_factor` and :func:`magnitude_threshold` turn
-whole-tensor statistics into per-model scalars.
+**Tie rule.** Magnitude rankings order entries by ``|x|`` descending and,
+among equal magnitudes, by lowest flat index first (for DELLA: lowest column
+first within a row). torch's sorts and ``topk`` are unstable, so mergekit
+breaks ties arbitrarily; results agree with mergekit except where an entry
+tied with a boundary magnitude is chosen differently.
+
+Host side: :func:`rescale_factor`, :func:`magnitude_threshold` and
+:func:`outlier_range` turn whole-tensor statistics into per-model scalars.
 """
 
 from __future__ import annotations
@@ -22,10 +32,11 @@ import math
 
 import jax.numpy as jnp
 import ml_dtypes
+from jax import lax
 import numpy as np
 
 from .. import prng
-from .numerics import rounder
+from .numerics import divide, rounder
 
 
 def random_keep(key_data: jnp.ndarray, off_hi: jnp.ndarray, off_lo: jnp.ndarray, n: int, p: jnp.ndarray) -> jnp.ndarray:
@@ -36,16 +47,63 @@ def random_keep(key_data: jnp.ndarray, off_hi: jnp.ndarray, off_lo: jnp.ndarray,
     return prng.bernoulli_mask(key_data, off_hi, off_lo, n, p)
 
 
-def magnitude_keep(delta: jnp.ndarray, threshold: jnp.ndarray, quota: jnp.ndarray) -> jnp.ndarray:
-    """bool[n]: keep ``|delta| > threshold``, plus the first ``quota`` ties.
+def _tie_index(tie: jnp.ndarray) -> jnp.ndarray:
+    """int32[n]: how many ``tie`` entries come before each position (exclusive cumsum)."""
+    t = tie.astype(jnp.int32)
+    return jnp.cumsum(t) - t
 
-    delta: float32[n]; threshold: float32 scalar; quota: int32 scalar (ties
-    still allowed in this chunk, counted from its start).
+
+def range_keep(a: jnp.ndarray, top: jnp.ndarray, skip: jnp.ndarray, bottom: jnp.ndarray, quota: jnp.ndarray) -> jnp.ndarray:
+    """bool[n]: entries at positions ``[start, stop)`` of the descending order of ``a``.
+
+    a: float32[n] magnitudes (>= 0); top: the magnitude at position ``start``;
+    bottom: the magnitude at position ``stop - 1``; skip: entries equal to
+    ``top`` in this chunk still to be dropped (they precede the range);
+    quota: entries equal to ``bottom`` in this chunk still allowed (int32
+    scalars, counted from the chunk start; may be negative or exceed the
+    chunk). An empty range is ``bottom = +inf, quota = 0``.
     """
-    a = jnp.abs(delta)
-    tie = a == threshold
-    before = jnp.cumsum(tie.astype(jnp.int32)) - tie.astype(jnp.int32)
-    return (a > threshold) | (tie & (before < quota))
+    tie_top = a == top
+    tie_bot = a == bottom
+    below_start = (a < top) | (tie_top & (_tie_index(tie_top) >= skip))
+    above_stop = (a > bottom) | (tie_bot & (_tie_index(tie_bot) < quota))
+    return below_start & above_stop
+
+
+def bernoulli_keep(key_data: jnp.ndarray, off_hi: jnp.ndarray, off_lo: jnp.ndarray, n: int, p: jnp.ndarray) -> jnp.ndarray:
+    """bool[n]: entry i kept with probability ``p[i]`` (float32[n]), flat indices [offset, offset + n).
+
+    The uniform of entry i is the one :func:`random_keep` compares with a
+    scalar ``p`` (JAX's ``uniform``: top 23 bits of the threefry word), so this
+    equals ``jax.random.bernoulli(key, p_full)[offset:offset + n]``.
+    """
+    bits = prng.random_bits(key_data, off_hi, off_lo, n)
+    u = lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32) - jnp.float32(1.0)
+    return u < p
+
+
+def della_probs(delta_rows: jnp.ndarray, c0: jnp.ndarray, eps: jnp.ndarray, *, work: str) -> jnp.ndarray:
+    """DELLA keep probabilities for whole rows, as mergekit 0.1.5 computes them in ``work``.
+
+    delta_rows: float32[R, C] task-vector rows; c0 = rnd_work(density - epsilon)
+    and eps = float32(epsilon) (scalars). With r the ascending magnitude rank
+    (1..C) of an entry in its row (ties: see the module's tie rule):
+
+        rk = rnd(r);  rn = clip(rnd(rnd(rk - 1) / rnd(rnd(C) - 1)), 0, 1)
+        p  = rnd(c0 + rnd(rnd(rn * 2) * eps))
+    """
+    rnd = rounder(work)
+    rows, cols = delta_rows.shape
+    mag = lax.bitcast_convert_type(jnp.abs(delta_rows), jnp.uint32)
+    col = lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    # descending magnitude, lowest column first among equals
+    _, perm = lax.sort((jnp.uint32(0xFFFFFFFF) - mag, col), dimension=1, is_stable=True, num_keys=1)
+    _, pos = lax.sort((perm, col), dimension=1, is_stable=True, num_keys=1)  # descending position of each column
+    rk = rnd((cols - pos).astype(jnp.float32))
+    one = jnp.float32(1.0)
+    span = rnd(rnd(jnp.float32(cols)) - one)
+    rn = jnp.clip(rnd(divide(rnd(rk - one), span)), 0.0, 1.0)
+    return rnd(c0 + rnd(rnd(rn * jnp.float32(2.0)) * eps))
 
 
 def apply_keep(delta: jnp.ndarray, keep: jnp.ndarray, factor: jnp.ndarray, *, work: str, d: str) -> jnp.ndarray:
@@ -127,3 +185,28 @@ def bits_to_value(bits: int, work: str) -> float:
     if work == "F32":
         return float(np.array([bits], np.uint32).view(np.float32)[0])
     return float(np.array([bits], np.uint16).view(_NP[work]).astype(np.float32)[0])
+
+
+def outlier_range(density: float, gamma: float, n: int) -> tuple[int, int]:
+    """Descending positions ``[start, stop)`` kept by magnitude_outliers (breadcrumbs), mergekit 0.1.5.
+
+    mergekit sorts |delta| ascending and keeps sorted positions
+    ``[n_bot, n_bot + T)`` (Python slice rules) with ``T = int(density * n)``,
+    ``n_top = int(gamma * n)`` and ``n_bot = max(0, n - T - n_top)``.
+    """
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    kept = range(n)[n_bot : n_bot + target]
+    if len(kept) == 0:
+        return 0, 0
+    return n - kept.stop, n - kept.start
+
+
+def range_keep_numpy(a: np.ndarray, top: float, skip: int, bottom: float, quota: int) -> np.ndarray:
+    """Host twin of :func:`range_keep` (for rescale statistics)."""
+    tie_top = a == top
+    tie_bot = a == bottom
+    it = np.cumsum(tie_top) - tie_top
+    ib = np.cumsum(tie_bot) - tie_bot
+    return ((a < top) | (tie_top & (it >= skip))) & ((a > bottom) | (tie_bot & (ib < quota)))

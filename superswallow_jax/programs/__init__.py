@@ -39,4 +39,4 @@ def prepare(ctx: StepContext) -> ChunkProgram:
     return PREPARERS[ctx.plan.method.kind](ctx)
 
 
-from . import basic, gta  # noqa: E402,F401  (registration)
+from . import basic, geometric, gta, ram, sce  # noqa: E402,F401  (registration)

@@ -1,29 +1,39 @@
-"""Chunk programs for the task-arithmetic family (task_arithmetic, ties, dare_ties, dare_linear).
+"""Chunk programs for the task-arithmetic family.
 
-Per step: donors' weights (rounded to the working dtype), PRNG keys from
-(seed, tensor name, model index), keep probabilities, and -- from a first pass
-over the chunks when needed -- L1 rescale factors (DARE) and exact magnitude
-thresholds with per-chunk tie quotas (TIES).
+task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
+della, della_linear. Per step: donors' weights (rounded to the working
+dtype), PRNG keys from (seed, tensor name, model index), keep probabilities,
+and -- from passes over the chunks when needed -- L1 rescale factors (DARE,
+DELLA), exact magnitude thresholds with per-chunk tie quotas (TIES) and exact
+kept ranges of the magnitude order (breadcrumbs, see :mod:`.select`).
+
+DELLA ranks magnitudes within rows (the last axis of a 2-D tensor; a 1-D
+tensor is one row). A chunk may start or end inside a row, so the chunk
+program also reads the whole rows around each chunk (at most ``chunk + 2 *
+row`` elements per input) and computes the keep probabilities there.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from .. import prng
+from ..errors import ConfigError, PlanError
 from ..io.reader import DTYPES
 from ..methods import gta as gta_m
 from ..methods import sparsify as sp
 from ..plan import Step
-from ..stream import StepContext
+from ..stream import StepContext, pad
 from . import register
 from .basic import passthrough_program
+from .select import QuotaCursor, Selection, select_ranges
 
 
 @dataclass(frozen=True)
@@ -36,29 +46,68 @@ class KernelSig:
     n: int  # bucket length
     n_inputs: int
     base: int | None
-    sparsify: tuple[str | None, ...] = ()  # per donor
+    sparsify: tuple[str | None, ...] = ()  # per donor: None, "random", "magnitude_outliers" (TIES, breadcrumbs), "della", "zero"
     consensus: str | None = None
     normalize: bool = False
     use_lambda: bool = False
+    cols: int = 0  # della: row length
+    row_len: int = 0  # della: padded length of the whole-row block around a chunk
 
 
-def _sparsify_donors(sig: KernelSig, deltas, keys, ps, factors, thresholds, quotas, off_hi, off_lo):
+class _Sparse(NamedTuple):
+    """Per-donor sparsifier arguments of a chunk kernel (arrays of length ``k``; a pytree)."""
+
+    keys: np.ndarray  # uint32[k, 2]
+    ps: np.ndarray  # random: keep probability
+    factors: np.ndarray  # L1 rescale factors
+    thresholds: np.ndarray  # magnitude: threshold; magnitude_outliers: magnitude at the range start
+    quotas: np.ndarray  # magnitude: tie quota; magnitude_outliers: ties at the start still to skip
+    bottoms: np.ndarray  # magnitude_outliers: magnitude at the range end
+    bquotas: np.ndarray  # magnitude_outliers: ties at the range end still allowed
+    c0: np.ndarray  # della: rnd_work(density - epsilon)
+    eps: np.ndarray  # della: float32(epsilon)
+
+
+def _della_probs(sig: KernelSig, rows, c0, eps, row_off):
+    """Per donor: della keep probabilities of the chunk's elements (``None`` for other donors)."""
+    out: list = [None] * len(sig.sparsify)
+    if "della" not in sig.sparsify:
+        return out
+    base = rows[sig.base]
+    others = [x for i, x in enumerate(rows) if i != sig.base]
+    for i, kind in enumerate(sig.sparsify):
+        if kind == "della":
+            _, (dl,) = gta_m.task_vectors(base, [others[i]], d=sig.work)
+            p = sp.della_probs(dl.reshape(-1, sig.cols), c0[i], eps[i], work=_work_of(sig, kind))
+            out[i] = lax.dynamic_slice(p.reshape(-1), (row_off,), (sig.n,))
+    return out
+
+
+def _keep(sig: KernelSig, i: int, kind: str, delta, sa, probs, off_hi, off_lo):
+    if kind == "random":
+        return sp.random_keep(sa.keys[i], off_hi, off_lo, sig.n, sa.ps[i])
+    if kind == "della":
+        return sp.bernoulli_keep(sa.keys[i], off_hi, off_lo, sig.n, probs[i])
+    return sp.range_keep(jnp.abs(delta), sa.thresholds[i], sa.quotas[i], sa.bottoms[i], sa.bquotas[i])
+
+
+def _sparsify_donors(sig: KernelSig, deltas, sa: _Sparse, probs, off_hi, off_lo):
     out = []
     for i, (kind, delta) in enumerate(zip(sig.sparsify, deltas)):
         if kind is None:
             out.append(delta)
             continue
-        if kind == "random":
-            keep = sp.random_keep(keys[i], off_hi, off_lo, sig.n, ps[i])
-        else:
-            keep = sp.magnitude_keep(delta, thresholds[i], quotas[i])
-        out.append(sp.apply_keep(delta, keep, factors[i], work=_work_of(sig, kind), d=sig.work))
+        if kind == "zero":  # della at density <= 0: zeros_like
+            out.append(jnp.zeros_like(delta))
+            continue
+        keep = _keep(sig, i, kind, delta, sa, probs, off_hi, off_lo)
+        out.append(sp.apply_keep(delta, keep, sa.factors[i], work=_work_of(sig, kind), d=sig.work))
     return out
 
 
 def _work_of(sig: KernelSig, kind: str | None) -> str:
-    """mergekit's DARE works in bf16 for bf16 tensors and in f32 otherwise (on CPU)."""
-    if kind == "random" and sig.work != "BF16":
+    """mergekit's DARE and DELLA work in bf16 for bf16 tensors and in f32 otherwise (on CPU)."""
+    if kind in ("random", "della") and sig.work != "BF16":
         return "F32"
     return sig.work
 
@@ -69,29 +118,32 @@ def get_kernel(sig: KernelSig) -> Callable:
     out_dt = DTYPES[sig.out]
 
     if sig.kind == "gta":
-        def run(xs, weights, keys, ps, factors, thresholds, quotas, lam, off_hi, off_lo):
+        def run(xs, weights, sa, rows, lam, off_hi, off_lo, row_off):
             base = xs[sig.base]
             others = [x for i, x in enumerate(xs) if i != sig.base]
             b, deltas = gta_m.task_vectors(base, others, d=sig.work)
-            deltas = _sparsify_donors(sig, deltas, keys, ps, factors, thresholds, quotas, off_hi, off_lo)
+            probs = _della_probs(sig, rows, sa.c0, sa.eps, row_off)
+            deltas = _sparsify_donors(sig, deltas, sa, probs, off_hi, off_lo)
             return gta_m.combine(
                 b, deltas, weights, lam if sig.use_lambda else None,
                 d=sig.work, consensus=sig.consensus, normalize=sig.normalize,
             ).astype(out_dt)
     elif sig.kind == "gta_stats":
-        # First pass: per donor, the task vector (for magnitude histograms) or
-        # |delta| and |delta * keep| in the work dtype (for the L1 rescale).
-        def run(xs, keys, ps, off_hi, off_lo):
+        # Statistics passes: per donor, the task vector (for magnitude
+        # histograms) or |delta| and |delta * keep| in the work dtype (for the
+        # L1 rescale of random and della pruning).
+        def run(xs, sa, rows, off_hi, off_lo, row_off):
             base = xs[sig.base]
             others = [x for i, x in enumerate(xs) if i != sig.base]
             _, deltas = gta_m.task_vectors(base, others, d=sig.work)
+            probs = _della_probs(sig, rows, sa.c0, sa.eps, row_off)
             res = []
             for i, (kind, delta) in enumerate(zip(sig.sparsify, deltas)):
-                if kind == "random":
-                    keep = sp.random_keep(keys[i], off_hi, off_lo, sig.n, ps[i])
+                if kind in ("random", "della"):
+                    keep = _keep(sig, i, kind, delta, sa, probs, off_hi, off_lo)
                     a = jnp.abs(delta)
                     res.append((a, a * keep.astype(jnp.float32)))
-                elif kind == "magnitude":
+                elif kind == "magnitude_outliers":
                     res.append((delta, delta))
                 else:
                     res.append((jnp.zeros((1,), jnp.float32),) * 2)
@@ -115,122 +167,154 @@ def _round(x: float, code: str) -> float:
 class _GtaArgs:
     sig: KernelSig
     weights: np.ndarray
-    keys: np.ndarray
-    ps: np.ndarray
-    factors: np.ndarray
-    thresholds: np.ndarray
-    tie_quota: list[int]
-    tie_counts: list[dict[int, int]]  # per donor: chunk start -> ties in chunk
+    sa: _Sparse
+    selections: list[Selection | None]  # per donor (magnitude_outliers)
     lam: np.ndarray
+
+
+def _della_cols(step: Step) -> int:
+    if len(step.shape) > 2:
+        raise PlanError(f"tensor {step.name}: della ranks rows of 1-D or 2-D tensors; shape {list(step.shape)} is not supported")
+    return step.shape[-1] if len(step.shape) == 2 else max(1, step.numel)
+
+
+def _donor_kind(ctx: StepContext, i: int) -> str | None:
+    method, step = ctx.plan.method, ctx.step
+    params = step.sources[i].params
+    dens = params.get("density", 1.0)
+    if not method.sparsify or dens >= 1.0:
+        return None
+    if method.sparsify == "magnitude":
+        return "magnitude_outliers"  # TIES keeps positions [0, k) of the magnitude order
+    if method.sparsify == "della":
+        if dens <= 0:
+            return "zero"
+        eps = params.get("epsilon", 0.15)
+        if dens + eps >= 1 or dens - eps <= 0:
+            model = ctx.plan.models[step.sources[i].model].key
+            raise ConfigError(
+                f"tensor {step.name}, model {model}: della needs 0 < density -/+ epsilon < 1 "
+                f"(density={dens:g}, epsilon={eps:g})"
+            )
+    return method.sparsify
 
 
 def _gta_setup(ctx: StepContext) -> _GtaArgs:
     step, method, seed, bucket = ctx.step, ctx.plan.method, ctx.seed, ctx.bucket
     donors = _donors(step)
-    kinds = []
-    for i in donors:
-        dens = step.sources[i].params.get("density", 1.0)
-        kinds.append(method.sparsify if (method.sparsify and dens < 1.0) else None)
+    kinds = [_donor_kind(ctx, i) for i in donors]
     lam = float(step.params.get("lambda", 1.0))
+    cols = row_len = 0
+    if "della" in kinds:
+        cols = _della_cols(step)
+        row_len = (-(-bucket // cols) + 1) * cols
     sig = KernelSig(
         kind="gta", work=step.work_dtype, out=step.out_dtype, n=bucket, n_inputs=len(step.sources), base=step.base,
         sparsify=tuple(kinds), consensus=method.consensus, normalize=bool(step.params.get("normalize")),
-        use_lambda=lam != 1.0,
+        use_lambda=lam != 1.0, cols=cols, row_len=row_len,
     )
     k = len(donors)
     weights = np.array([_round(step.sources[i].params["weight"], step.work_dtype) for i in donors], np.float32)
     keys = np.stack([prng.tensor_key_data(seed, step.name, step.sources[i].model) for i in donors]) if k else np.zeros((0, 2), np.uint32)
-    ps = np.array(
-        [_round(step.sources[i].params.get("density", 1.0), _work_of(sig, "random")) for i in donors], np.float32
+    rw = _work_of(sig, "random")  # = della's work dtype
+    dens = [float(step.sources[i].params.get("density", 1.0)) for i in donors]
+    eps = [float(step.sources[i].params.get("epsilon") or 0.0) for i in donors]
+    ps = np.array([_round(p, rw) for p in dens], np.float32)
+    c0 = np.array([_round(p - e, rw) for p, e in zip(dens, eps)], np.float32)  # torch rounds the scalar of `scalar + tensor`
+    sa = _Sparse(
+        keys.astype(np.uint32), ps, np.ones(k, np.float32), np.zeros(k, np.float32), np.zeros(k, np.int32),
+        np.full(k, np.inf, np.float32), np.zeros(k, np.int32), c0, np.array(eps, np.float32),
     )
-    return _GtaArgs(
-        sig, weights, keys.astype(np.uint32), ps, np.ones(k, np.float32), np.zeros(k, np.float32),
-        [0] * k, [{} for _ in range(k)], np.float32(lam),
+    return _GtaArgs(sig, weights, sa, [None] * k, np.float32(lam))
+
+
+def _row_blocks(ctx: StepContext, sig: KernelSig, a: int, b: int) -> tuple[list[np.ndarray], np.int32]:
+    """Every source's whole rows around elements [a, b), padded to ``sig.row_len``, and a's offset in them."""
+    if not sig.cols:
+        return [], np.int32(0)
+    r0 = (a // sig.cols) * sig.cols
+    r1 = min(ctx.step.numel, -(-b // sig.cols) * sig.cols)
+    rows = [pad(ctx.fetch.chunk(ctx.step, i, r0, r1), sig.row_len) for i in range(len(ctx.step.sources))]
+    return rows, np.int32(a - r0)
+
+
+def _stats_kernel(ctx: StepContext, args: _GtaArgs, kinds: tuple[str | None, ...]):
+    sig = args.sig
+    stats_sig = KernelSig(
+        kind="gta_stats", work=sig.work, out=sig.out, n=sig.n, n_inputs=sig.n_inputs, base=sig.base,
+        sparsify=kinds, cols=sig.cols if "della" in kinds else 0, row_len=sig.row_len if "della" in kinds else 0,
     )
+    kern = get_kernel(stats_sig)
+
+    def run(a: int, b: int):
+        xs = ctx.inputs(a, b)
+        rows, row_off = _row_blocks(ctx, stats_sig, a, b)
+        hi, lo = prng.split_offset(a)
+        return kern(xs, args.sa, rows, hi, lo, row_off)
+
+    return run
 
 
 def _stats_pass(ctx: StepContext, args: _GtaArgs) -> None:
-    """Fill rescale factors and magnitude thresholds from whole-tensor statistics."""
+    """Fill rescale factors, magnitude thresholds and kept ranges from whole-tensor statistics."""
     step = ctx.step
     sig = args.sig
     rescale = bool(step.params.get("rescale"))
-    need = [kind == "magnitude" or (kind == "random" and rescale) for kind in sig.sparsify]
-    if not any(need):
-        return
-    stats_sig = KernelSig(
-        kind="gta_stats", work=sig.work, out=sig.out, n=sig.n, n_inputs=sig.n_inputs, base=sig.base,
-        sparsify=tuple(k if nd else None for k, nd in zip(sig.sparsify, need)),
-    )
-    kern = get_kernel(stats_sig)
-    donors = _donors(step)
-    l1_full: list[list[float]] = [[] for _ in donors]
-    l1_kept: list[list[float]] = [[] for _ in donors]
-    hists: list[list[tuple[int, np.ndarray]]] = [[] for _ in donors]
-    mag_work = sig.work
-    for a, b in ctx.chunks():
-        xs = ctx.inputs(a, b)
-        hi, lo = prng.split_offset(a)
-        res = kern(xs, args.keys, args.ps, hi, lo)
-        for j, kind in enumerate(stats_sig.sparsify):
-            if kind == "random":
+    need = [kind in ("random", "della") and rescale for kind in sig.sparsify]
+    if any(need):
+        kern = _stats_kernel(ctx, args, tuple(k if nd else None for k, nd in zip(sig.sparsify, need)))
+        donors = _donors(step)
+        l1_full: list[list[float]] = [[] for _ in donors]
+        l1_kept: list[list[float]] = [[] for _ in donors]
+        for a, b in ctx.chunks():
+            res = kern(a, b)
+            for j, kind in enumerate(sig.sparsify):
+                if not need[j]:
+                    continue
                 full, kept = (np.asarray(r)[: b - a] for r in res[j])
                 l1_full[j] += sp.block_l1(full)
                 l1_kept[j] += sp.block_l1(kept)
-            elif kind == "magnitude":
-                bits = sp.abs_bits(np.asarray(res[j][0])[: b - a], mag_work)
-                hists[j].append((a, bits))
+            ctx.release(a, b)
+        for j, kind in enumerate(sig.sparsify):
+            if not need[j]:
+                continue
+            args.sa.factors[j] = sp.rescale_factor(sp.total(l1_full[j]), sp.total(l1_kept[j]), _work_of(sig, kind))
+    if "magnitude_outliers" in sig.sparsify:
+        _outlier_ranges(ctx, args, rescale)
+
+
+def _outlier_ranges(ctx: StepContext, args: _GtaArgs, rescale: bool) -> None:
+    """TIES and breadcrumbs: the exact kept range of each donor's magnitude order (and its L1 rescale).
+
+    TIES keeps positions [0, k); breadcrumbs a middle range (see ``sparsify.outlier_range``).
+    """
+    step, sig = ctx.step, args.sig
+    outl = tuple(k if k == "magnitude_outliers" else None for k in sig.sparsify)
+    kern = _stats_kernel(ctx, args, outl)
+    ranges = []
+    for j, i in enumerate(_donors(step)):
+        p = step.sources[i].params
+        if not outl[j]:
+            ranges.append(None)
+        elif ctx.plan.method.sparsify == "magnitude":
+            ranges.append((0, sp.magnitude_k(p.get("density", 1.0), step.numel)))
+        else:
+            ranges.append(sp.outlier_range(p.get("density", 1.0), p.get("gamma", 0.01), step.numel))
+
+    def keys(a: int, b: int):
+        res = kern(a, b)
         ctx.release(a, b)
-    for j, kind in enumerate(stats_sig.sparsify):
-        if kind == "random":
-            args.factors[j] = sp.rescale_factor(sp.total(l1_full[j]), sp.total(l1_kept[j]), _work_of(sig, "random"))
-        elif kind == "magnitude":
-            _magnitude_from_bits(step, args, j, hists[j], mag_work, rescale)
+        return [sp.abs_bits(np.asarray(r[0])[: b - a], sig.work) if outl[j] else None for j, r in enumerate(res)]
 
-
-def _magnitude_from_bits(step: Step, args: _GtaArgs, j: int, chunks: list[tuple[int, np.ndarray]], work: str, rescale: bool) -> None:
-    """Exact k-th largest |delta| (radix select on bit patterns) and per-chunk tie counts."""
-    dens = step.sources[_donors(step)[j]].params.get("density", 1.0)
-    k = sp.magnitude_k(dens, step.numel)
-    if work == "F32":
-        hist_hi = sum(np.bincount((bits >> 16).astype(np.int64), minlength=1 << 15) for _, bits in chunks)
-        hb, above_hi = sp.magnitude_threshold(np.asarray(hist_hi), k)
-        lows = [(a, bits[(bits >> 16) == hb] & 0xFFFF) for a, bits in chunks]
-        hist_lo = sum(np.bincount(low.astype(np.int64), minlength=1 << 16) for _, low in lows)
-        lb, above_lo = sp.magnitude_threshold(np.asarray(hist_lo), k - above_hi)
-        tbits = (hb << 16) | lb
-        above = above_hi + above_lo
-    else:
-        hist = sum(np.bincount(bits.astype(np.int64), minlength=1 << 15) for _, bits in chunks)
-        tbits, above = sp.magnitude_threshold(np.asarray(hist), k)
-    if k <= 0:
-        args.thresholds[j] = np.float32(np.inf)
-        args.tie_quota[j] = 0
-    else:
-        args.thresholds[j] = sp.bits_to_value(int(tbits), work)
-        args.tie_quota[j] = k - above
-    args.tie_counts[j] = {a: int(np.count_nonzero(bits == tbits)) for a, bits in chunks}
-    if rescale:
-        # L1 rescale for magnitude pruning: exact from the bit patterns.
-        full: list[float] = []
-        kept: list[float] = []
-        seen = 0
-        for a, bits in chunks:
-            vals = _bits_values(bits, work)
-            keep = bits > tbits
-            tie = bits == tbits
-            allowed = max(0, args.tie_quota[j] - seen)
-            idx = np.flatnonzero(tie)[:allowed]
-            keep[idx] = True
-            seen += int(tie.sum())
-            full += sp.block_l1(vals)
-            kept += sp.block_l1(vals * keep)
-        args.factors[j] = sp.rescale_factor(sp.total(full), sp.total(kept), work)
-
-
-def _bits_values(bits: np.ndarray, work: str) -> np.ndarray:
-    if work == "F32":
-        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
-    return bits.astype(np.uint16).view(DTYPES[work]).astype(np.float64)
+    sels = select_ranges(ctx.chunks, keys, ranges, sig.work, l1=rescale)
+    for j, sel in enumerate(sels):
+        if sel is None:
+            continue
+        args.selections[j] = sel
+        args.sa.thresholds[j] = np.float32(sel.top)
+        args.sa.bottoms[j] = np.float32(sel.bottom)
+        if rescale:
+            args.sa.factors[j] = sp.rescale_factor(sel.l1_full, sel.l1_kept, sig.work)
 
 
 @register("gta")
@@ -240,14 +324,17 @@ def prepare_gta(ctx: StepContext):
         return passthrough_program(ctx, ctx.step.base)
     _stats_pass(ctx, args)
     kern = get_kernel(args.sig)
-    seen = [0] * len(args.weights)
+    cursors: list[QuotaCursor | None] = [sel.quotas() if sel is not None else None for sel in args.selections]
+    sa = args.sa
 
     def run(xs, a, b):
-        quotas = np.zeros(len(seen), np.int32)
-        for j in range(len(seen)):
-            quotas[j] = np.int32(min(max(0, args.tie_quota[j] - seen[j]), 2**31 - 1))
-            seen[j] += args.tie_counts[j].get(a, 0)
+        quotas = sa.quotas.copy()
+        bquotas = sa.bquotas.copy()
+        for j, cur in enumerate(cursors):
+            if cur is not None:
+                quotas[j], bquotas[j] = cur.next(a)
         hi, lo = prng.split_offset(a)
-        return kern(xs, args.weights, args.keys, args.ps, args.factors, args.thresholds, quotas, args.lam, hi, lo)
+        rows, row_off = _row_blocks(ctx, args.sig, a, b)
+        return kern(xs, args.weights, sa._replace(quotas=quotas, bquotas=bquotas), rows, args.lam, hi, lo, row_off)
 
     return run

@@ -1,0 +1,170 @@
+"""Chunk-invariant per-vector statistics of a flattened tensor (host side, NumPy).
+
+The geometric methods reduce *vectors* of a tensor: the whole flattened
+tensor, each row along the last axis, or each column along the first axis
+(``nuslerp_row_wise``). A tensor arrives in chunks of the flat index range
+whose boundaries are multiples of :data:`BLOCK`; the sums here never depend on
+where those boundaries lie:
+
+* ``flat``: float64 sums of fixed :data:`BLOCK`-element blocks, combined with
+  ``math.fsum`` (as :func:`superswallow_jax.methods.sparsify.block_l1`);
+* ``rows``: float64 sums of the pieces a row is cut into by the block grid,
+  added to the row's accumulator in index order;
+* ``cols``: each element added to its column's float64 accumulator in index
+  (row) order.
+
+Each piece is summed whole within one chunk and the accumulation order is the
+flat index order, so any chunk size gives the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 1 << 10  # equals sparsify.BLOCK: chunk boundaries are multiples of it
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a flat tensor of ``numel`` elements splits into vectors.
+
+    kind ``flat``: one vector; ``rows``: ``numel // length`` rows of the last
+    axis; ``cols``: ``count`` vectors along axis 0, element ``i`` in vector
+    ``i % count``.
+    """
+
+    kind: str
+    numel: int
+    length: int
+    count: int
+
+    @staticmethod
+    def flat(shape: tuple[int, ...]) -> "Layout":
+        n = math.prod(shape)
+        return Layout("flat", n, n, 1)
+
+    @staticmethod
+    def rows(shape: tuple[int, ...]) -> "Layout":
+        """Vectors along the last axis (a 1-D or 0-D tensor is one vector)."""
+        n = math.prod(shape)
+        if len(shape) <= 1 or n == 0:
+            return Layout.flat(shape)
+        return Layout("rows", n, shape[-1], n // shape[-1])
+
+    @staticmethod
+    def cols(shape: tuple[int, ...]) -> "Layout":
+        """Vectors along the first axis (``x.transpose(0, -1)`` rows); 1-D: one vector."""
+        n = math.prod(shape)
+        if len(shape) <= 1 or n == 0:
+            return Layout.flat(shape)
+        return Layout("cols", n, shape[0], n // shape[0])
+
+    def ids(self, a: int, b: int) -> np.ndarray:
+        """Vector index of each flat element in [a, b)."""
+        i = np.arange(a, b, dtype=np.int64)
+        if self.kind == "flat":
+            return np.zeros(b - a, np.int64)
+        if self.kind == "rows":
+            return i // self.length
+        return i % self.count
+
+    def expand(self, values: np.ndarray, a: int, b: int, n: int, fill: float = 1.0) -> np.ndarray:
+        """Per-vector ``values`` as a float32 array over elements [a, b), padded to ``n``."""
+        out = np.full(n, np.float32(fill), np.float32)
+        out[: b - a] = np.asarray(values, np.float32)[self.ids(a, b)]
+        return out
+
+
+class VectorSums:
+    """Float64 sums of ``k`` per-element term arrays over the vectors of ``layout``."""
+
+    def __init__(self, layout: Layout, k: int):
+        self.layout = layout
+        self.k = k
+        if layout.kind == "flat":
+            self.blocks: list[list[float]] = [[] for _ in range(k)]
+        else:
+            self.acc = np.zeros((k, layout.count), np.float64)
+
+    def add(self, a: int, b: int, terms) -> None:
+        """Add the terms of elements [a, b) (``k`` arrays of at least ``b - a`` values)."""
+        assert a % BLOCK == 0
+        lay = self.layout
+        for j, t in enumerate(terms):
+            v = np.asarray(t)[: b - a].astype(np.float64)
+            if lay.kind == "flat":
+                self.blocks[j] += _block_sums(v)
+            elif lay.kind == "rows":
+                starts = _piece_starts(a, b, lay.length)
+                sums = np.add.reduceat(v, starts - a) if v.size else np.zeros(0)
+                np.add.at(self.acc[j], starts // lay.length, sums)
+            else:
+                _add_cols(self.acc[j], v, a, lay.count)
+
+    def totals(self) -> np.ndarray:
+        """float64[k, count]: the sums."""
+        if self.layout.kind == "flat":
+            return np.array([[math.fsum(bl)] for bl in self.blocks], np.float64).reshape(self.k, 1)
+        return self.acc.copy()
+
+    def part_totals(self, part: int) -> np.ndarray:
+        """flat only: float64[k, parts], sums over consecutive ``part``-element parts."""
+        assert self.layout.kind == "flat" and part % BLOCK == 0
+        per = part // BLOCK
+        out = []
+        for bl in self.blocks:
+            out.append([math.fsum(bl[i : i + per]) for i in range(0, max(1, len(bl)), per)])
+        return np.array(out, np.float64)
+
+
+class VectorMax:
+    """Per-vector maxima (exact, so any chunking and order gives the same result)."""
+
+    def __init__(self, layout: Layout, k: int):
+        self.layout = layout
+        self.acc = np.full((k, layout.count), -np.inf, np.float64)
+
+    def add(self, a: int, b: int, terms) -> None:
+        lay = self.layout
+        for j, t in enumerate(terms):
+            v = np.asarray(t)[: b - a].astype(np.float64)
+            if lay.kind == "flat":
+                self.acc[j, 0] = max(self.acc[j, 0], float(v.max(initial=-np.inf)))
+            elif lay.kind == "rows":
+                starts = _piece_starts(a, b, lay.length)
+                np.maximum.at(self.acc[j], starts // lay.length, np.maximum.reduceat(v, starts - a))
+            else:
+                np.maximum.at(self.acc[j], lay.ids(a, b), v)
+
+    def totals(self) -> np.ndarray:
+        return self.acc.copy()
+
+
+def _block_sums(v: np.ndarray) -> list[float]:
+    nfull = v.size // BLOCK
+    sums = list(v[: nfull * BLOCK].reshape(nfull, BLOCK).sum(axis=1)) if nfull else []
+    if v.size % BLOCK:
+        sums.append(float(v[nfull * BLOCK :].sum()))
+    return [float(s) for s in sums]
+
+
+def _piece_starts(a: int, b: int, length: int) -> np.ndarray:
+    """Starts of the pieces of [a, b) cut at multiples of BLOCK and of ``length``."""
+    blocks = np.arange(a, b, BLOCK, dtype=np.int64)
+    first_row = -(-a // length) * length
+    rows = np.arange(first_row, b, length, dtype=np.int64)
+    return np.union1d(blocks, rows)
+
+
+def _add_cols(acc: np.ndarray, v: np.ndarray, a: int, m: int) -> None:
+    """acc[i % m] += v[i - a] for i in [a, a + len(v)), in increasing i."""
+    i = a
+    end = a + v.size
+    while i < end:
+        j = i % m
+        stop = min(end, i + (m - j))
+        acc[j : j + (stop - i)] += v[i - a : stop - a]
+        i = stop

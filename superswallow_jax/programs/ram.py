@@ -1,0 +1,74 @@
+"""Chunk programs for ``ram`` and ``ramplus_tl``.
+
+ram is elementwise. ramplus_tl first counts, per donor over the whole tensor,
+the active entries that are shared with another donor and those that are
+unique (exact integers), and turns them into float32 scales on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import PlanError
+from ..io.reader import DTYPES
+from ..methods import gta as gta_m
+from ..methods import ram as ram_m
+from ..methods.sparsify import round_scalar
+from ..stream import StepContext
+from . import register
+from .basic import passthrough_program
+
+
+def _split(xs, base: int):
+    return xs[base], [x for i, x in enumerate(xs) if i != base]
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_kernel(work: str, out: str, base: int, plus: bool):
+    def run(xs, eps, lam):
+        b_in, others = _split(xs, base)
+        b, deltas = gta_m.task_vectors(b_in, others, d=work)
+        return ram_m.merge(b, deltas, eps, lam if plus else None, d=work).astype(DTYPES[out])
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=None)
+def _count_kernel(work: str, base: int, n: int):
+    def run(xs, eps, n_valid):
+        b_in, others = _split(xs, base)
+        _, deltas = gta_m.task_vectors(b_in, others, d=work)
+        valid = jnp.arange(n, dtype=jnp.int32) < n_valid
+        return ram_m.counts(deltas, eps, valid)
+
+    return jax.jit(run)
+
+
+@register("ram")
+def prepare_ram(ctx: StepContext):
+    step = ctx.step
+    if step.base is None:
+        raise PlanError(f"tensor {step.name}: {ctx.plan.method.name} needs the base model's tensor")
+    k = len(step.sources) - 1
+    if k == 0:  # only the base has this tensor: mergekit returns it
+        return passthrough_program(ctx, step.base)
+    work = step.work_dtype
+    eps = np.float32(round_scalar(float(step.params["epsilon"]), work))
+    plus = ctx.plan.method.name == "ramplus_tl"
+    lam = np.ones(k, np.float32)
+    if plus:
+        kern = _count_kernel(work, step.base, ctx.bucket)
+        tot = np.zeros((k, 2), np.int64)
+        for a, b in ctx.chunks():
+            tot += np.asarray(kern(ctx.inputs(a, b), eps, np.int32(b - a)), np.int64)
+            ctx.release(a, b)
+        lam = ram_m.ramplus_lambdas(
+            [int(x) for x in tot[:, 0]], [int(x) for x in tot[:, 1]],
+            float(step.params["r"]), float(step.params["alpha"]), float(step.params["epsilon"]),
+        )
+    merge = _merge_kernel(work, step.out_dtype, step.base, plus)
+    return lambda xs, a, b: merge(xs, eps, lam)

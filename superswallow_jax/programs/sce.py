@@ -1,0 +1,120 @@
+"""Chunk program for ``sce``.
+
+Statistics passes (see :mod:`.select`): with ``0 < select_topk < 1``, the
+exact top-k of the per-entry variance (float64 Welford on the host, then
+rounded to the working dtype) and, in the same last pass, each donor's sum of
+squared masked task vectors; otherwise one pass for the sums of squares. The
+chunk kernel then applies the selection, the SCE weights and the sign
+election.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import PlanError
+from ..io.reader import DTYPES
+from ..methods import gta as gta_m
+from ..methods import sce as sce_m
+from ..methods import sparsify as sp
+from ..stream import StepContext, pad
+from . import register
+from .basic import passthrough_program
+from .select import select_ranges
+
+
+def _split(xs, base: int):
+    return xs[base], [x for i, x in enumerate(xs) if i != base]
+
+
+@functools.lru_cache(maxsize=None)
+def _tau_kernel(work: str, base: int):
+    def run(xs):
+        b_in, others = _split(xs, base)
+        _, deltas = gta_m.task_vectors(b_in, others, d=work)
+        return deltas, sce_m.squares(deltas, d=work)
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_kernel(work: str, out: str, base: int, mode: str, n: int):
+    """mode: "all" (no selection), "topk" (selection by |var|), "none" (select_topk <= 0: nothing kept)."""
+
+    def run(xs, var, top, skip, bottom, quota, w, floor):
+        b_in, others = _split(xs, base)
+        b, deltas = gta_m.task_vectors(b_in, others, d=work)
+        if mode == "topk":
+            keep = sp.range_keep(jnp.abs(var), top, skip, bottom, quota)
+        elif mode == "none":
+            keep = jnp.zeros((n,), bool)
+        else:
+            keep = None
+        return sce_m.combine(b, deltas, keep, w, floor, d=work).astype(DTYPES[out])
+
+    return jax.jit(run)
+
+
+@register("sce")
+def prepare_sce(ctx: StepContext):
+    step = ctx.step
+    if step.base is None:
+        raise PlanError(f"tensor {step.name}: sce needs the base model's tensor")
+    k = len(step.sources) - 1
+    if k == 0:  # only the base has this tensor: mergekit returns it
+        return passthrough_program(ctx, step.base)
+    work, n = step.work_dtype, step.numel
+    topk = float(step.params["select_topk"])
+    tau = _tau_kernel(work, step.base)
+
+    def taus(a: int, b: int):
+        deltas, sqs = tau(ctx.inputs(a, b))
+        ctx.release(a, b)
+        return [np.asarray(t)[: b - a] for t in deltas], [np.asarray(s)[: b - a] for s in sqs]
+
+    blocks: list[list[float]] = [[] for _ in range(k)]
+    sel = None
+    if 0 < topk < 1:
+        mode = "topk"
+        current: list = []
+
+        def keys(a: int, b: int):
+            deltas, sqs = taus(a, b)
+            current[:] = [sqs]
+            return [sp.abs_bits(sce_m.variance(deltas, work), work)]
+
+        def visit(a: int, b: int, keeps) -> None:
+            for i, sq in enumerate(current[0]):
+                blocks[i] += sp.block_l1(sq * keeps[0])
+
+        sel = select_ranges(
+            ctx.chunks, keys, lambda zeros: [(0, sce_m.topk_count(n - zeros[0], topk))], work, visit=visit,
+        )[0]
+    elif topk >= 1:
+        mode = "all"
+        for a, b in ctx.chunks():
+            for i, sq in enumerate(taus(a, b)[1]):
+                blocks[i] += sp.block_l1(sq)
+    else:
+        mode = "none"
+    w = sce_m.weights([sp.total(bl) for bl in blocks], n, work)
+    floor = np.float32(sp.round_scalar(1e-6, work))
+    merge = _merge_kernel(work, step.out_dtype, step.base, mode, ctx.bucket)
+    cursor = sel.quotas() if sel is not None else None
+    dummy = np.zeros((1,), np.float32)
+    top = np.float32(sel.top if sel is not None else 0.0)
+    bottom = np.float32(sel.bottom if sel is not None else 0.0)
+
+    def run(xs, a, b):
+        if cursor is None:
+            return merge(xs, dummy, top, np.int32(0), bottom, np.int32(0), w, floor)
+        skip, quota = cursor.next(a)
+        deltas, _ = tau(xs)
+        var = pad(sce_m.variance([np.asarray(t)[: b - a] for t in deltas], work), ctx.bucket)
+        return merge(xs, var, top, np.int32(skip), bottom, np.int32(quota), w, floor)
+
+    return run
