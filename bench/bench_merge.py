@@ -240,6 +240,7 @@ def run_job(job: Job, workdir: Path, pretouch_bytes: int = 0) -> Run:
     pretouch(pretouch_bytes)
     env = {**os.environ, "JAX_LOG_COMPILES": "1", **job.env}
     tfile = workdir / "time-v.txt"
+    tfile.unlink(missing_ok=True)
     load = loadavg()
     argv = [a.replace("{T0}", "%.6f" % time.time()) for a in job.argv]
     t = time.perf_counter()

@@ -32,15 +32,14 @@ def _compile_cache() -> None:
 
     Set SUPERSWALLOW_CACHE=off to disable it.
     """
-    import os
-
-    where = os.environ.get("SUPERSWALLOW_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "superswallow_jax", "xla"
-    )
-    if where == "off":
-        return
     import jax
 
+    from superswallow_jax.manifest import cache_dir
+
+    d = cache_dir()
+    if d is None:
+        return
+    where = str(d / "xla")
     try:
         jax.config.update("jax_compilation_cache_dir", where)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -71,6 +70,7 @@ def merge(
     force: bool = typer.Option(False, help="write into a non-empty output folder"),
     chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 4M)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    fsync: bool = typer.Option(True, help="fsync output files before renaming them into place"),
     coordinator: Optional[str] = typer.Option(None, help="multi-process: HOST:PORT of process 0's coordinator"),
     num_processes: Optional[int] = typer.Option(None, help="multi-process: number of processes"),
     process_id: Optional[int] = typer.Option(None, help="multi-process: this process's index"),
@@ -120,7 +120,7 @@ def merge(
         try:
             res = run_merge(
                 cfg, out, seed=seed, shard_size=size, out_dtype=_dtype_code(out_dtype), force=force,
-                chunk_elems=chunk_elems, progress=on_progress, on_plan=on_plan, procs=procs,
+                chunk_elems=chunk_elems, progress=on_progress, on_plan=on_plan, procs=procs, fsync=fsync,
             )
         finally:
             if progress_ctx is not None:

@@ -51,14 +51,15 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
     chunk = chunk_size(opts.chunk_elems)
     fetch = InputFetcher(plan)
     placement = Placement.local()
-    pending: list[tuple[str, int, int, object]] = []  # dispatched, not yet written
+    pending: list[tuple[StepContext, int, int, object]] = []  # dispatched, not yet written
 
     def flush(keep: int) -> None:
         while len(pending) > keep:
-            name, a, b, res = pending.pop(0)
+            ctx, a, b, res = pending.pop(0)
             arr = np.asarray(res)[: b - a]
             if sink is not None:
-                sink(name, a, arr)
+                sink(ctx.step.name, a, arr)
+            ctx.release(a, b)  # only now: XLA may read the mapped input until the result exists
 
     steps = plan.steps if order is None else [plan.steps[i] for i in order]
     for step in steps:
@@ -67,9 +68,8 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
         in_bytes = sum(s.tensor.np_dtype.itemsize for s in step.sources)
         for a, b in ctx.chunks():
             res = program(ctx.inputs(a, b), a, b)
-            pending.append((step.name, a, b, res))
+            pending.append((ctx, a, b, res))
             flush(1)
-            ctx.release(a, b)
             if progress is not None:
                 progress(in_bytes * (b - a))
         flush(0)

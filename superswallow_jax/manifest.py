@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,54 @@ class StreamHasher:
         return out
 
 
+def cache_dir() -> Path | None:
+    """superswallow's cache folder (``$SUPERSWALLOW_CACHE``, default ~/.cache/superswallow_jax); None if "off"."""
+    where = os.environ.get("SUPERSWALLOW_CACHE")
+    if where == "off":
+        return None
+    if where:
+        return Path(where)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "superswallow_jax"
+
+
+class HashCache:
+    """sha256 of files keyed by (path, device, inode, size, mtime_ns): inputs are hashed once.
+
+    A changed file gets a new key, so a stale digest is never used.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[str, str] = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.entries = {}
+
+    @staticmethod
+    def key(f: Path) -> str:
+        st = f.stat()
+        return f"{f.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+
+    def sha256(self, f: Path) -> str:
+        k = self.key(f)
+        if k not in self.entries:
+            self.entries[k] = file_sha256(f)
+        return self.entries[k]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+
+
 class InputHasher:
     """sha256 of input files (label -> path), computed on a background thread during the merge."""
 
@@ -113,8 +162,11 @@ class InputHasher:
 
     def _run(self) -> None:
         try:
+            d = cache_dir()
+            cache = HashCache(d / "sha256.json" if d is not None else None)
             for label, f in self.files.items():
-                self.result[label] = file_sha256(f)
+                self.result[label] = cache.sha256(f)
+            cache.save()
         except BaseException as e:  # pragma: no cover - surfaced in join()
             self._error = e
 

@@ -66,12 +66,22 @@ class InputFetcher:
         return np.ascontiguousarray(rows).reshape(-1)[a - r0 * hidden : b - r0 * hidden]
 
     def release(self, step: Step, a: int, b: int) -> None:
-        """Drop the page-cache pages of the consumed input range [a, b) (MADV_DONTNEED)."""
-        if step.embed:
-            return
+        """Unmap the pages of the consumed input range [a, b) (MADV_DONTNEED).
+
+        For vocabulary-aligned embeddings the same row range of each source is
+        released (rows mostly keep their ids; a row read again later just
+        faults back in from the page cache).
+        """
         for src in step.sources:
             isz = src.tensor.np_dtype.itemsize
-            self.plan.models[src.model].checkpoint.file(src.tensor).release(src.tensor, a * isz, b * isz)
+            lo, hi = a, b
+            if step.embed:
+                hidden = step.shape[1]
+                rows = src.tensor.shape[0]
+                lo = min(rows, a // hidden) * hidden
+                hi = min(rows, -(-b // hidden)) * hidden
+            if hi > lo:
+                self.plan.models[src.model].checkpoint.file(src.tensor).release(src.tensor, lo * isz, hi * isz)
 
 
 @dataclass(frozen=True)

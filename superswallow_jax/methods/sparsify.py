@@ -140,15 +140,16 @@ def block_l1(values: np.ndarray) -> list[float]:
     """Per-block (BLOCK = 1024 elements, from the array start) float64 sums of |values|.
 
     Chunk offsets are multiples of BLOCK, so the blocks -- and the total
-    ``math.fsum`` of them -- do not depend on the chunking.
+    ``math.fsum`` of them -- do not depend on the chunking. |x| is exact in
+    float32 for bf16/fp16/f32 values, and each block is summed in float64 with
+    NumPy's pairwise summation (the same for a block wherever it lies).
     """
-    a = np.abs(values.astype(np.float64))
+    a = np.abs(np.asarray(values, dtype=np.float32))
     nfull = a.size // BLOCK
-    sums = list(a[: nfull * BLOCK].reshape(nfull, BLOCK).sum(axis=1)) if nfull else []
+    sums = a[: nfull * BLOCK].reshape(nfull, BLOCK).sum(axis=1, dtype=np.float64).tolist() if nfull else []
     if a.size % BLOCK:
-        sums.append(float(a[nfull * BLOCK :].sum()))
-    return [float(s) for s in sums]
-
+        sums.append(float(a[nfull * BLOCK :].sum(dtype=np.float64)))
+    return sums
 
 def total(blocks: list[float]) -> float:
     return math.fsum(blocks)
