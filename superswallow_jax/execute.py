@@ -1,9 +1,10 @@
 """Stream a :class:`~superswallow_jax.plan.Plan`: read, merge, write (how).
 
 Each step is prepared into a chunk program (:mod:`superswallow_jax.programs`),
-then its chunks (:mod:`superswallow_jax.stream`) are dispatched in order.
-Chunk k+1 is dispatched before chunk k is written, so XLA computes while the
-writer copies; consumed input pages are released with ``MADV_DONTNEED``.
+then its chunks (:mod:`superswallow_jax.stream`) are dispatched in order. A
+writer thread waits for each result, writes and hashes it, and releases the
+consumed input pages (``MADV_DONTNEED``), while the main thread reads and
+dispatches the next chunks; at most two chunks are in flight.
 
 Whole-tensor statistics use fixed 1024-element blocks (float64 sums combined
 with ``math.fsum``) and exact bit-pattern histograms, so results are the same
@@ -12,6 +13,8 @@ bytes for any chunk size, device count or tensor order.
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -42,36 +45,73 @@ def execute(plan: Plan, writer: ShardedWriter, opts: ExecOptions, progress: Call
         pass
 
 
+class _Sink:
+    """A writer thread: waits for each chunk's result, hands it to ``sink`` and
+    releases the chunk's input pages, while the main thread prepares and
+    dispatches the next chunks (hashing and ``pwrite`` release the GIL).
+
+    At most ``depth`` chunks are in flight, which bounds host and device memory.
+    """
+
+    def __init__(self, sink: Callable[[str, int, np.ndarray], None] | None, depth: int = 2):
+        self.sink = sink
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="superswallow-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure
+            ctx, a, b, res = item
+            try:
+                arr = np.asarray(res)[: b - a]
+                if self.sink is not None:
+                    self.sink(ctx.step.name, a, arr)
+                ctx.release(a, b)  # only now: XLA may read the mapped input until the result exists
+            except BaseException as e:  # re-raised on the main thread
+                self.error = e
+
+    def put(self, item) -> None:
+        self.queue.put(item)
+        if self.error is not None:
+            self.close()
+
+    def close(self) -> None:
+        """Wait for every chunk to be written; re-raise a writer error."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] | None = None,
                  order: Sequence[int] | None = None, sink: Callable[[str, int, np.ndarray], None] | None = None) -> Iterator[Step]:
     """Stream the plan, passing each output chunk to ``sink(name, flat_offset, array)``.
 
-    Yields each step once all its chunks went to ``sink``.
+    ``sink`` runs on a writer thread, chunks of a tensor in order. Yields each
+    step once its chunks are dispatched; when the iterator is exhausted every
+    chunk has gone to ``sink``.
     """
     chunk = chunk_size(opts.chunk_elems)
     fetch = InputFetcher(plan)
     placement = Placement.local()
-    pending: list[tuple[StepContext, int, int, object]] = []  # dispatched, not yet written
-
-    def flush(keep: int) -> None:
-        while len(pending) > keep:
-            ctx, a, b, res = pending.pop(0)
-            arr = np.asarray(res)[: b - a]
-            if sink is not None:
-                sink(ctx.step.name, a, arr)
-            ctx.release(a, b)  # only now: XLA may read the mapped input until the result exists
-
-    steps = plan.steps if order is None else [plan.steps[i] for i in order]
-    for step in steps:
-        ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch, placement)
-        program = programs.prepare(ctx)
-        in_bytes = sum(s.tensor.np_dtype.itemsize for s in step.sources)
-        for a, b in ctx.chunks():
-            res = program(ctx.inputs(a, b), a, b)
-            pending.append((ctx, a, b, res))
-            flush(1)
-            if progress is not None:
-                progress(in_bytes * (b - a))
-        flush(0)
-        yield step
-    flush(0)
+    writer = _Sink(sink)
+    try:
+        steps = plan.steps if order is None else [plan.steps[i] for i in order]
+        for step in steps:
+            ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch, placement)
+            program = programs.prepare(ctx)
+            in_bytes = sum(s.tensor.np_dtype.itemsize for s in step.sources)
+            for a, b in ctx.chunks():
+                writer.put((ctx, a, b, program(ctx.inputs(a, b), a, b)))
+                if progress is not None:
+                    progress(in_bytes * (b - a))
+            yield step
+    finally:
+        writer.close()

@@ -27,7 +27,6 @@ from .io.reader import INDEX_NAME
 from .io.writer import ShardedWriter, TensorSpec, plan_layout, write_index
 from .plan import Plan, build_plan
 
-PLACEHOLDER = "0" * 64
 
 COPY_FILES = ("generation_config.json",)
 TOKENIZER_FILES = (
@@ -49,13 +48,13 @@ def normalized_config(cfg: MergeConfig) -> str:
     return json.dumps(yaml.safe_load(cfg.text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def output_metadata(plan: Plan, seed: int, inputs_digest: str = PLACEHOLDER, tensors_digest: str = PLACEHOLDER) -> dict[str, str]:
+def output_metadata(plan: Plan, seed: int) -> dict[str, str]:
     """safetensors ``__metadata__`` recorded in every output shard.
 
-    ``inputs_digest`` (sha256 of the manifest's input-file list) and
-    ``tensors_digest`` (the model digest of the output) are filled in at the
-    end of the merge; the placeholders have the same length, so the header
-    keeps its size.
+    Only what is known before the first byte is written: versions, PRNG
+    scheme, seed, method and the normalized config with its hash. Digests of
+    inputs and outputs are in ``merge_manifest.json`` (a file cannot hold its
+    own hash, and a final header lets the file hash be computed while writing).
     """
     norm = normalized_config(plan.config)
     return {
@@ -67,8 +66,6 @@ def output_metadata(plan: Plan, seed: int, inputs_digest: str = PLACEHOLDER, ten
         "merge_method": plan.method.name,
         "config_sha256": mf.config_hash(norm),
         "config": norm,
-        "inputs_sha256": inputs_digest,
-        "tensors_digest": tensors_digest,
     }
 
 
@@ -97,10 +94,12 @@ def write_extras(plan: Plan, staging: Path, out_name: str) -> list[Path]:
                 shutil.copyfile(donor.dir / name, staging / name)
                 written.append(staging / name)
     base = cfg.base_model
-    others = [m for m in cfg.referenced_models() if m != base]
+    # mergekit's card: slerp names no base and lists every model as merged
+    show_base = plan.method.base != "none" and plan.method.name != "slerp"
+    others = [m for m in cfg.referenced_models() if m != base or not show_base]
     card = md.model_card(
         out_name, plan.method.pretty or plan.method.name, plan.method.reference, base, others, cfg.text,
-        show_base=plan.method.base != "none",
+        show_base=show_base,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
     (staging / "mergekit_config.yml").write_text(cfg.text, encoding="utf-8")
@@ -183,12 +182,9 @@ def run_merge(
                 for part in dv.kv_gather("superswallow/digests", procs.count) for n, v in part.items()
             }
             input_hashes = dv.kv_gather("superswallow/inputs", 1)[0]
-        inputs_digest = mf.config_hash(json.dumps(sorted(input_hashes.items())))
-        meta = output_metadata(plan, seed, inputs_digest, mf.model_digest(tensor_digests.values()))
-        final_layouts = plan_layout(groups, meta)
-        writer.rewrite_headers([final_layouts[i] for i in mine])
+        meta = output_metadata(plan, seed)
         writer.finish(fsync)
-        file_hashes = {lay.filename: mf.file_sha256(staging / lay.filename) for lay in writer.layouts}
+        file_hashes = writer.file_sha256()
         if force and not multi:
             md.clear_previous_merge(out)
         final += writer.commit(fsync=fsync)
@@ -198,7 +194,7 @@ def run_merge(
             file_hashes = {k: v for part in dv.kv_gather("superswallow/files", procs.count) for k, v in part.items()}
         if procs.is_main:
             extras = write_extras(plan, staging, out.name)
-            write_index(staging / INDEX_NAME, final_layouts, specs, {"superswallow_jax": __version__})
+            write_index(staging / INDEX_NAME, layouts, specs, {"superswallow_jax": __version__})
             manifest = build_manifest(plan, seed, meta, input_hashes, tensor_digests, file_hashes, extras + [staging / INDEX_NAME])
             md.write_json(staging / mf.MANIFEST_NAME, manifest)
             extras.append(staging / mf.MANIFEST_NAME)
@@ -244,7 +240,7 @@ def build_manifest(plan: Plan, seed: int, meta: dict, input_hashes: dict, tensor
         "config": json.loads(meta["config"]),
         "config_sha256": meta["config_sha256"],
         "input_files_sha256": dict(sorted(input_hashes.items())),
-        "model_digest": meta["tensors_digest"],
+        "model_digest": mf.model_digest(tensor_digests.values()),
         "tensors": {d.name: {"dtype": d.dtype, "shape": list(d.shape), "sha256": d.sha256} for d in sorted(tensor_digests.values(), key=lambda d: d.name)},
         "files_sha256": dict(sorted(out_files.items())),
     }

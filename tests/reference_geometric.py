@@ -1,10 +1,12 @@
 """Whole-array NumPy references of mergekit 0.1.5's geometric methods.
 
 Each follows the method's torch op sequence on a dtype-``d`` tensor (every
-op in float32, rounded to ``d``; Python scalars as float32) on whole arrays,
-with every reduction taken as the correctly rounded sum (``math.fsum``) --
-the convention superswallow uses for whole-tensor statistics. Angles use
-``math`` in float64, rounded to float32 then ``d``.
+op in float32, rounded to ``d``; Python scalars as float32) on whole arrays.
+The norm of a whole flattened tensor follows torch's 8-lane float32 order
+(:func:`torch_norm32`); every other reduction is the correctly rounded
+sum (``math.fsum``), the convention superswallow uses where torch's order
+depends on its thread count. Angles use ``math`` in float64, rounded to
+float32 then ``d``.
 """
 
 import math
@@ -34,8 +36,34 @@ def vec_fsum(v2d):
     return np.array([fsum32(r) for r in v2d], np.float32)
 
 
-def tnorm(v2d, d):
-    """torch.norm along the last axis of a dtype-d matrix: sqrtf(f32(sum of squares)) in d."""
+def torch_norm32(v, block=8):
+    """torch CPU's linalg.vector_norm of a flat float32 vector: 8 float32 lanes (element i in
+    lane i % 8, adding rounded squares in order) over the first len - len % block elements,
+    lanes summed left to right, then the tail (block 16: bf16/fp16 input loads)."""
+    x = np.asarray(v, np.float32).ravel()
+    lanes = [F32(0)] * 8
+    main = x.size - x.size % block
+    sq = x * x
+    for lane in range(8):
+        acc = F32(0)
+        for q in sq[lane:main:8]:
+            acc = F32(acc + q)
+        lanes[lane] = acc
+    t = lanes[0]
+    for lane in lanes[1:]:
+        t = F32(t + lane)
+    for q in sq[main:]:
+        t = F32(t + q)
+    return np.sqrt(t)
+
+
+def tnorm(v2d, d, flat=False):
+    """torch.norm along the last axis of a dtype-d matrix: sqrtf(f32(sum of squares)) in d.
+
+    ``flat``: one whole-tensor vector, summed in torch's lane order; else correctly rounded sums.
+    """
+    if flat:
+        return R(np.array([torch_norm32(r, 8 if d == "F32" else 16) for r in v2d], np.float32), d)
     v = np.asarray(v2d, np.float64)
     return R(np.sqrt(vec_fsum(v * v)), d)
 
@@ -78,12 +106,10 @@ def nearswap(a, b, t, d):
 
 
 def slerp(v0, v1, t, d):
-    """Float32 slerp of whole tensors (one part: tensors below 2^20 elements)."""
+    """Float32 slerp of whole tensors (one norm part: tensors below 2^20 elements)."""
     a = R(v0, d).ravel()
     b = R(v1, d).ravel()
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    na = np.sqrt(fsum32(a64 * a64))
-    nb = np.sqrt(fsum32(b64 * b64))
+    na, nb = torch_norm32(a), torch_norm32(b)
     na = na if na > F32(1e-8) else F32(1)
     nb = nb if nb > F32(1e-8) else F32(1)
     dot = fsum32((a / na) * (b / nb))
@@ -109,8 +135,8 @@ def nuslerp(x0, x1, w0, w1, d, base=None, flatten=True, row_wise=False):
         bb = R(base, d)
         v0, v1 = R(v0 - bb, d), R(v1 - bb, d)
     m0, m1 = _vectors(v0, mode), _vectors(v1, mode)
-    n0 = np.maximum(tnorm(m0, d), S(1e-7, d))[:, None]
-    n1 = np.maximum(tnorm(m1, d), S(1e-7, d))[:, None]
+    n0 = np.maximum(tnorm(m0, d, mode == "flat" or x0.ndim <= 1), S(1e-7, d))[:, None]
+    n1 = np.maximum(tnorm(m1, d, mode == "flat" or x0.ndim <= 1), S(1e-7, d))[:, None]
     cos = np.clip(R(vec_fsum(R(R(m0 / n0, d) * R(m1 / n1, d), d)), d), -1, 1)[:, None]
     col = R(1 - R(cos * cos, d), d) <= S(1e-16, d)
     th = vfn(math.acos, np.where(col, F32(0), cos), d)
@@ -140,7 +166,7 @@ def multislerp(xs, weights, d, base=None, normalize=True, eps=1e-8):
         for x in w:
             tot = F32(tot + x)
         w = R(w / R(tot, d), d)
-    norms = np.array([tnorm(t[None], d)[0] for t in ts], np.float32)
+    norms = np.array([tnorm(t[None], d, True)[0] for t in ts], np.float32)
     nes = R(norms + S(eps, d), d)
     us = [R(t / nes[i], d) for i, t in enumerate(ts)]
 
@@ -151,12 +177,12 @@ def multislerp(xs, weights, d, base=None, normalize=True, eps=1e-8):
         return R(acc, d)
 
     mean = wsum(us)
-    mn = tnorm(mean[None], d)[0]
+    mn = tnorm(mean[None], d, True)[0]
     assert not mn < eps
     mean = R(mean / mn, d)
     dots = [R(fsum32(R(u * mean, d)), d) for u in us]
     tangent = wsum([R(u - R(dots[i] * mean, d), d) for i, u in enumerate(us)])
-    tn = R(tnorm(tangent[None], d)[0] + S(eps, d), d)
+    tn = R(tnorm(tangent[None], d, True)[0] + S(eps, d), d)
     c = fn(math.cos, tn, d)
     s = R(fn(math.sin, tn, d) / tn, d)
     avg = F32(0)
@@ -174,9 +200,7 @@ def karcher(xs, d, max_iter=10, tol=1e-5):
     alphas = [1.0 / n] * n
     vs = [R(x, d).ravel() for x in xs]
 
-    def fnorm(v):
-        v = np.asarray(v, np.float64)
-        return np.sqrt(fsum32(v * v))
+    fnorm = torch_norm32
 
     norms = [fnorm(v) for v in vs]
     units = [np.zeros_like(v) if nm == 0 else R(v / nm, d) for v, nm in zip(vs, norms)]
@@ -218,7 +242,7 @@ def model_stock(base, xs, d, filter_wise=False):
     ws = [_vectors(R(x, d), mode) for x in xs]
     k = len(ws)
     offs = [R(w - w0, d) for w in ws]
-    norms = [tnorm(o, d) for o in offs]
+    norms = [tnorm(o, d, mode == "flat" or np.ndim(base) <= 1) for o in offs]
     coss = []
     for i in range(k):
         for j in range(i + 1, k):

@@ -885,25 +885,30 @@ def test_parse_size_invalid(text):
     assert "\n" not in str(ei.value) and "shard-size" in str(ei.value)
 
 
-def test_finish_is_idempotent_and_rewrite_headers(tmp_path):
+@pytest.mark.parametrize("in_order", [True, False])
+def test_finish_is_idempotent_and_file_sha256(tmp_path, in_order):
+    import hashlib
+
     specs = [TensorSpec("a", "F16", (3,)), TensorSpec("b", "BF16", (2, 2))]
-    old = plan_layout(assign_shards(specs, 8), {"digest": "0" * 64})
-    new = plan_layout(assign_shards(specs, 8), {"digest": "f" * 64})
-    longer = plan_layout(assign_shards(specs, 8), {"digest": "f" * 64, "more": "x" * 64})
+    lays = plan_layout(assign_shards(specs, 8), {"digest": "f" * 64})
     out = tmp_path / "out"
     stage = tmp_path / "stage"
     out.mkdir()
     stage.mkdir()
-    w = ShardedWriter(out, stage, old, specs)
-    w.write("a", 0, np.ones(3, np.float16))
-    w.write("b", 0, np.full((2, 2), 2.0, BF16))
-    with pytest.raises(ValueError):
-        w.rewrite_headers(longer)
-    w.rewrite_headers(new)
+    w = ShardedWriter(out, stage, lays, specs)
+    if in_order:
+        w.write("a", 0, np.ones(3, np.float16))
+        w.write("b", 0, np.full((2, 2), 2.0, BF16))
+    else:  # out of file order: the digest falls back to reading the file
+        w.write("b", 2, np.full((2,), 2.0, BF16))
+        w.write("b", 0, np.full((2,), 2.0, BF16))
+        w.write("a", 0, np.ones(3, np.float16))
     w.finish(fsync=False)
     w.finish(fsync=False)  # second call: no-op
+    digests = w.file_sha256()
     paths = w.commit(fsync=False)
     assert [p.name for p in paths] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     for p in paths:
         assert read_header(p).metadata == {"digest": "f" * 64}
+        assert digests[p.name] == hashlib.sha256(p.read_bytes()).hexdigest()
     assert _same(Checkpoint(out).view("b"), np.full((2, 2), 2.0, BF16))

@@ -277,6 +277,42 @@ def test_vector_sums_do_not_depend_on_chunking(kind):
     np.testing.assert_allclose(results[0][0], exact, rtol=1e-12, atol=0)
 
 
+def test_lane_sum_of_squares_is_torchs_order_for_any_chunking():
+    rng = np.random.default_rng(14)
+    for n in (5, 1024, 4100, 9 * 1024 + 3):
+        x = (rng.standard_normal(n) * np.exp(rng.uniform(-5, 5, n))).astype(np.float32)
+        want = ref.torch_norm32(x)
+        for chunk in (1024, 2048, 1 << 20):
+            acc = vecsum.LaneSumSq(n, 1)
+            for a in range(0, n, chunk):
+                acc.add(a, min(n, a + chunk), [x[a : a + chunk]])
+            assert np.sqrt(acc.sums()[0, 0]) == want
+    # parts: each 2048-element slice is its own vector
+    x = rng.standard_normal(5000).astype(np.float32)
+    acc = vecsum.LaneSumSq(5000, 1, part=2048)
+    for a in range(0, 5000, 1024):
+        acc.add(a, min(5000, a + 1024), [x[a : a + 1024]])
+    want = [ref.torch_norm32(x[p : p + 2048]) for p in range(0, 5000, 2048)]
+    assert np.array_equal(np.sqrt(acc.sums()[0]), np.array(want, np.float32))
+
+
+def test_fma32_is_correctly_rounded():
+    from fractions import Fraction
+
+    from superswallow_jax.methods.scalar import fma32
+
+    rng = np.random.default_rng(15)
+    x, y, z = (rng.standard_normal((3, 2000)) * np.exp(rng.uniform(-8, 8, (3, 2000)))).astype(np.float32)
+    for a, b, c in zip(x, y, z):
+        got = fma32(a, b, c)
+        exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+        near = [np.nextafter(got, np.float32(np.inf)), np.nextafter(got, np.float32(-np.inf))]
+        err = abs(Fraction(float(got)) - exact)
+        # nearest float32, ties to even
+        assert all(err < abs(Fraction(float(n)) - exact) or (err == abs(Fraction(float(n)) - exact)
+                   and int(np.array(got).view(np.uint32)) % 2 == 0) for n in near)
+
+
 # ---------------------------------------------------------------- registry and plan
 
 

@@ -14,6 +14,7 @@ Tensors follow each other without gaps, as the format requires.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -135,6 +136,9 @@ class ShardedWriter:
         self._fds: list[int] = []
         self._written = [0] * len(self.layouts)
         self._ranges: dict[str, list[tuple[int, int]]] = {}  # element ranges written per tensor
+        # sha256 of each file, fed while writes arrive in file order (else recomputed at the end)
+        self._sha = [hashlib.sha256(lay.header) for lay in self.layouts]
+        self._sha_pos: list[int | None] = [len(lay.header) for lay in self.layouts]
         for i, lay in enumerate(self.layouts):
             for name, off in lay.offsets.items():
                 self._where[name] = (i, off)
@@ -163,6 +167,11 @@ class ShardedWriter:
             raise ValueError(f"{name}: write [{flat_offset}, {end}) outside the tensor")
         buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
         pos = base + flat_offset * dt.itemsize
+        if self._sha_pos[shard] == pos:
+            self._sha[shard].update(buf)
+            self._sha_pos[shard] = pos + len(buf)
+        elif len(buf):
+            self._sha_pos[shard] = None  # out of order: hash the file at the end
         while len(buf):
             n = os.pwrite(self._fds[shard], buf, pos)
             buf = buf[n:]
@@ -171,14 +180,20 @@ class ShardedWriter:
         if data.size:
             self._ranges.setdefault(name, []).append((flat_offset, end))
 
-    def rewrite_headers(self, layouts: Sequence[ShardLayout]) -> None:
-        """Replace each shard's header with one of the same length and layout
-        (used to fill in digests that are only known at the end)."""
-        for fd, old, new in zip(self._fds, self.layouts, layouts):
-            if len(new.header) != len(old.header) or dict(new.offsets) != dict(old.offsets):
-                raise ValueError(f"{old.filename}: new header changes the layout")
-            os.pwrite(fd, new.header, 0)
-        self.layouts = list(layouts)
+    def file_sha256(self) -> dict[str, str]:
+        """sha256 of each shard file (call after :meth:`finish`). Computed while
+        writing when chunks arrived in file order, otherwise by reading the file."""
+        out = {}
+        for i, lay in enumerate(self.layouts):
+            if self._sha_pos[i] == lay.size:
+                out[lay.filename] = self._sha[i].hexdigest()
+            else:
+                h = hashlib.sha256()
+                with open(self.staging / lay.filename, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
+                out[lay.filename] = h.hexdigest()
+        return out
 
     def bytes_written(self) -> int:
         return sum(self._written)

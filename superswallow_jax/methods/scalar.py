@@ -3,7 +3,7 @@
 The geometric methods (slerp, nuslerp, multislerp, karcher, model_stock,
 arcee_fusion) reduce whole vectors to a handful of scalars -- norms, dot
 products, angles -- and then apply those scalars elementwise. The scalars are
-computed here, on the host, from exact float64 statistics
+computed here, on the host, from whole-tensor statistics
 (:mod:`superswallow_jax.methods.vecsum`), following the op sequence and dtypes
 mergekit 0.1.5 uses on torch CPU:
 
@@ -16,9 +16,12 @@ mergekit 0.1.5 uses on torch CPU:
   then to ``d`` (torch uses SLEEF's 1-ulp float32 versions; see
   :func:`f32fn`).
 
-The float32 accumulations of torch depend on its vector width and thread
-count, so the statistics here are the correctly rounded values instead: they
-agree with torch's in most cases and differ by an ulp or so otherwise.
+torch's float32 ``linalg.vector_norm`` (slerp, karcher) is reproduced bit
+for bit (:class:`~superswallow_jax.methods.vecsum.LaneSumSq`). For its other
+reductions -- sums and dot products, whose float32 order depends on torch's
+thread count, and ``torch.norm`` of ``d`` tensors, rounded to ``d`` -- the
+statistics are the correctly rounded values instead: they agree with torch's
+in most cases and differ by an ulp or so otherwise.
 """
 
 from __future__ import annotations
@@ -76,3 +79,21 @@ def seq_sum32(values: Iterable) -> np.float32:
 def clamp(x, lo: float, hi: float) -> np.float32:
     x = np.float32(x)
     return np.float32(min(max(x, np.float32(lo)), np.float32(hi)))
+
+
+def fma32(x, y, z) -> np.float32:
+    """Correctly rounded float32 ``x * y + z`` (float32 operands).
+
+    The product is exact in float64; the float64 sum is rounded to odd, which
+    makes the final rounding to float32 correct.
+    """
+    p = np.float64(np.float32(x)) * np.float64(np.float32(y))
+    zz = np.float64(np.float32(z))
+    s = p + zz
+    bb = s - p
+    err = (p - (s - bb)) + (zz - bb)
+    bits = int(np.array(s, np.float64).view(np.uint64))
+    if err != 0 and bits & 1 == 0:
+        bits += 1 if (err > 0) == (s > 0) else -1
+        s = np.array(bits, np.uint64).view(np.float64)[()]
+    return np.float32(s)

@@ -15,6 +15,9 @@ where those boundaries lie:
 
 Each piece is summed whole within one chunk and the accumulation order is the
 flat index order, so any chunk size gives the same bits.
+
+:class:`LaneSumSq` instead reproduces torch's own float32 order for
+``linalg.vector_norm`` of a flat vector (8 lanes carried across chunks).
 """
 
 from __future__ import annotations
@@ -168,3 +171,63 @@ def _add_cols(acc: np.ndarray, v: np.ndarray, a: int, m: int) -> None:
         stop = min(end, i + (m - j))
         acc[j : j + (stop - i)] += v[i - a : stop - a]
         i = stop
+
+
+LANES = 8  # float32 lanes of torch's vectorized CPU norm kernel (AVX2 width, also used on AVX512 hosts)
+
+
+class LaneSumSq:
+    """torch's float32 sum of squares for ``linalg.vector_norm`` of flat vectors, bit for bit.
+
+    torch CPU reduces a contiguous float32 vector (one output) in 8 float32
+    lanes: element ``i`` of the first ``n - n % 8`` goes to lane ``i % 8``, which
+    adds ``x * x`` (rounded to float32, no FMA) in index order; the lanes are then
+    summed left to right and the last ``n % 8`` squares added one by one. The
+    result does not depend on torch's thread count. Emulated here by carrying
+    the 8 lane sums from chunk to chunk (chunk starts are multiples of 8), so
+    any chunking gives the same bits. With ``part``, each consecutive
+    ``part``-element slice is its own vector (mergekit's slerp norms parts of
+    2^20 elements). ``torch.norm`` of a bf16/fp16 vector loads 16 elements at a
+    time into two 8-lane float32 halves (the same lane order); pass ``block=16``.
+    """
+
+    def __init__(self, numel: int, k: int, part: int | None = None, block: int = LANES):
+        self.part = part or max(1, numel)
+        assert self.part % LANES == 0 or part is None
+        self.numel = numel
+        self.block = block  # elements per vector load: the lanes cover len - len % block
+        n_parts = max(1, -(-numel // self.part))
+        self.acc = np.zeros((k, n_parts, LANES), np.float32)
+        self.tails: list[list[list[np.ndarray]]] = [[[] for _ in range(n_parts)] for _ in range(k)]
+
+    def add(self, a: int, b: int, values) -> None:
+        """Add elements [a, b) of each of the ``k`` vectors (float32-valued arrays)."""
+        assert a % LANES == 0
+        for p in range(a // self.part, -(-b // self.part)):
+            p0 = p * self.part
+            p1 = min(self.numel, p0 + self.part)
+            s, e = max(a, p0), min(b, p1)
+            main_end = p1 - (p1 - p0) % self.block
+            for j, v in enumerate(values):
+                x = np.asarray(v)[s - a : e - a].astype(np.float32)
+                m = max(0, min(e, main_end) - s)
+                if m:
+                    sq = (x[:m] * x[:m]).reshape(-1, LANES)
+                    sq[0] += self.acc[j, p]
+                    self.acc[j, p] = np.add.accumulate(sq, axis=0)[-1]
+                if m < x.size:
+                    self.tails[j][p].append(x[m:])
+
+    def sums(self) -> np.ndarray:
+        """float32[k, parts]: the float32 sums of squares."""
+        k, n_parts, _ = self.acc.shape
+        out = np.zeros((k, n_parts), np.float32)
+        for j in range(k):
+            for p in range(n_parts):
+                t = self.acc[j, p, 0]
+                for lane in range(1, LANES):
+                    t = np.float32(t + self.acc[j, p, lane])
+                for x in (np.concatenate(self.tails[j][p]) if self.tails[j][p] else ()):
+                    t = np.float32(t + np.float32(x * x))
+                out[j, p] = t
+        return out

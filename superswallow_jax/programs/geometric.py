@@ -30,8 +30,8 @@ from ..methods import model_stock as ms
 from ..methods import slerp as sl
 from ..methods.nearswap import nearswap
 from ..methods.numerics import as_f32, divide, rounder
-from ..methods.scalar import clamp, f32fn, norm, rnd, rnd_array, seq_sum32, sqrt32
-from ..methods.vecsum import Layout, VectorMax, VectorSums
+from ..methods.scalar import clamp, f32fn, fma32, norm, rnd, rnd_array, seq_sum32, sqrt32
+from ..methods.vecsum import LaneSumSq, Layout, VectorMax, VectorSums
 from ..plan import Step
 from ..stream import StepContext
 from . import register
@@ -98,6 +98,29 @@ def _norms(ss: np.ndarray, code: str) -> np.ndarray:
     return rnd_array(np.sqrt(ss.astype(F32)), code)
 
 
+class _NormSums:
+    """Sums of squares for ``torch.norm`` of ``work``-dtype vectors.
+
+    A flat tensor follows torch's own float32 lane order (:class:`LaneSumSq`);
+    rows and columns, whose norms torch rounds to ``work`` anyway, use float64
+    sums (:class:`VectorSums`).
+    """
+
+    def __init__(self, step: Step, lay: Layout, k: int, work: str):
+        self.lane = LaneSumSq(step.numel, k, block=8 if work == "F32" else 16) if lay.kind == "flat" else None
+        self.f64 = None if self.lane is not None else VectorSums(lay, k)
+
+    def add(self, a: int, b: int, values) -> None:
+        if self.lane is not None:
+            self.lane.add(a, b, values)
+        else:
+            self.f64.add(a, b, [_sq(v, b - a) for v in values])
+
+    def sums(self) -> np.ndarray:
+        """[k, vectors] sums of squares."""
+        return self.lane.sums() if self.lane is not None else self.f64.totals()
+
+
 def _cast(out: str):
     return lambda y: y.astype(DTYPES[out])
 
@@ -124,9 +147,17 @@ def _slerp_kernels(work: str, out: str, i0: int, i1: int):
 
 
 def slerp_norm(part_sum_sq: Sequence[float]) -> F32:
-    """mergekit slerp's norm: the norm of the per-part float32 norms (0.1.5 ``slerp``)."""
-    parts = [sqrt32(F32(s)) for s in part_sum_sq]
-    return sqrt32(F32(math.fsum(float(p) * float(p) for p in parts)))
+    """mergekit slerp's norm: the norm of the per-part float32 norms.
+
+    torch reduces the (few) part norms with fused multiply-adds in order (its
+    order for up to 3 parts, i.e. tensors up to 3 * 2^20 elements; beyond that
+    it uses 4 and then 8 accumulators, so larger tensors may differ by an ulp).
+    """
+    s = F32(0.0)
+    for ss in part_sum_sq:
+        n = sqrt32(F32(ss))
+        s = fma32(n, n, s)
+    return sqrt32(s)
 
 
 def slerp_coefficients(dot: F32, t: F32) -> tuple[F32, F32]:
@@ -153,14 +184,14 @@ def prepare_slerp(ctx: StepContext):
     rk = _rounded(work)
     dot_k, out_k = _slerp_kernels(work, step.out_dtype, i0, i1)
 
-    sq = VectorSums(lay, 2)
+    sq = LaneSumSq(step.numel, 2, SLERP_PART)
 
     def norms_pass(a, b, xs):
         r = rk(xs)
-        sq.add(a, b, [_sq(r[i0], b - a), _sq(r[i1], b - a)])
+        sq.add(a, b, [r[i0], r[i1]])
 
     _each_chunk(ctx, norms_pass)
-    parts = sq.part_totals(SLERP_PART)
+    parts = sq.sums()
     ns = []
     for j in range(2):
         n = slerp_norm(parts[j])
@@ -230,15 +261,10 @@ def prepare_nuslerp(ctx: StepContext):
     lay = _vector_layout(step, bool(step.params["nuslerp_row_wise"]), bool(step.params["nuslerp_flatten"]))
     vk, dk, ok = _nuslerp_kernels(work, step.out_dtype, step.base, i0, i1)
 
-    sq = VectorSums(lay, 2)
-
-    def norms_pass(a, b, xs):
-        v0, v1 = vk(xs)
-        sq.add(a, b, [_sq(v0, b - a), _sq(v1, b - a)])
-
-    _each_chunk(ctx, norms_pass)
+    sq = _NormSums(step, lay, 2, work)
+    _each_chunk(ctx, lambda a, b, xs: sq.add(a, b, vk(xs)))
     floor = rnd(1e-7, work)
-    nrm = np.maximum(_norms(sq.totals(), work), floor)
+    nrm = np.maximum(_norms(sq.sums(), work), floor)
 
     dots = VectorSums(lay, 1)
     _each_chunk(ctx, lambda a, b, xs: dots.add(a, b, [_host(dk(xs, *_pers(lay, nrm, a, b, n)), b - a)]))
@@ -317,15 +343,15 @@ def prepare_multislerp(ctx: StepContext):
     k = _multislerp_kernels(work, step.out_dtype, step.base, nb)
     lay = Layout.flat(step.shape)
 
-    sq = VectorSums(lay, len(nb))
-    _each_chunk(ctx, lambda a, b, xs: sq.add(a, b, [_sq(v, b - a) for v in k["vecs"](xs)]))
-    norms = _norms(sq.totals()[:, 0], work)
+    sq = _NormSums(step, lay, len(nb), work)
+    _each_chunk(ctx, lambda a, b, xs: sq.add(a, b, k["vecs"](xs)))
+    norms = _norms(sq.sums()[:, 0], work)
     eps_d = rnd(eps, work)
     nes = rnd_array(norms + eps_d, work)
 
-    msq = VectorSums(lay, 1)
-    _each_chunk(ctx, lambda a, b, xs: msq.add(a, b, [_sq(k["mean"](xs, nes, w), b - a)]))
-    mn = norm(msq.totals()[0, 0], work)
+    msq = _NormSums(step, lay, 1, work)
+    _each_chunk(ctx, lambda a, b, xs: msq.add(a, b, [k["mean"](xs, nes, w)]))
+    mn = norm(msq.sums()[0, 0], work)
     if mn < eps:
         if len(nb) == 2:
             return lambda xs, a, b: k["linear"](xs, w)
@@ -338,9 +364,9 @@ def prepare_multislerp(ctx: StepContext):
     _each_chunk(ctx, lambda a, b, xs: dsum.add(a, b, [_host(v, b - a) for v in k["dots"](xs, nes, w, mn)]))
     dots = rnd_array(dsum.totals()[:, 0], work)
 
-    tsq = VectorSums(lay, 1)
-    _each_chunk(ctx, lambda a, b, xs: tsq.add(a, b, [_sq(k["tangent"](xs, nes, w, mn, dots), b - a)]))
-    tn = rnd(norm(tsq.totals()[0, 0], work) + eps_d, work)
+    tsq = _NormSums(step, lay, 1, work)
+    _each_chunk(ctx, lambda a, b, xs: tsq.add(a, b, [k["tangent"](xs, nes, w, mn, dots)]))
+    tn = rnd(norm(tsq.sums()[0, 0], work) + eps_d, work)
     c = f32fn(math.cos, tn, work)
     s = rnd(f32fn(math.sin, tn, work) / tn, work)
     avg = rnd(seq_sum32(rnd_array(norms * w, work)), work)
@@ -395,12 +421,13 @@ def prepare_karcher(ctx: StepContext):
     lay = Layout.flat(step.shape)
     rk = _rounded(work)
 
-    def norms_of(kernel_out) -> np.ndarray:
-        return np.sqrt(np.asarray(kernel_out, F64).astype(F32))  # sqrtf(f32(sum of squares))
+    def norms_of(kernel: Callable, k: int = 1) -> np.ndarray:
+        """torch.linalg.vector_norm of the float32 vector(s) ``kernel(a, b, xs)`` returns."""
+        acc = LaneSumSq(step.numel, k)
+        _each_chunk(ctx, lambda a, b, xs: acc.add(a, b, kernel(a, b, xs)))
+        return np.sqrt(acc.sums()[:, 0])
 
-    sq = VectorSums(lay, n)
-    _each_chunk(ctx, lambda a, b, xs: sq.add(a, b, [_sq(r, b - a) for r in rk(xs)]))
-    norms = norms_of(sq.totals()[:, 0])
+    norms = norms_of(lambda a, b, xs: rk(xs), n)
     alphas = [1.0 / n] * n
     valid = [i for i in range(n) if float(norms[i]) > tol]
     if not valid:
@@ -414,9 +441,7 @@ def prepare_karcher(ctx: StepContext):
         "norms": norms.astype(F32), "valid": np.array([i in valid for i in range(n)], F32), "alphas": a_valid,
         "m_norm": F32(1.0), "first": np.int32(valid[0]), "use_first": F32(0.0),
     }
-    msq = VectorSums(lay, 1)
-    _each_chunk(ctx, lambda a, b, xs: msq.add(a, b, [_sq(k["raw"](xs, c), b - a)]))
-    m_norm = norms_of(msq.totals()[0, 0])
+    m_norm = norms_of(lambda a, b, xs: [k["raw"](xs, c)])[0]
     c["m_norm"] = F32(m_norm)
     c["use_first"] = F32(float(m_norm) < tol)
 
@@ -445,18 +470,14 @@ def prepare_karcher(ctx: StepContext):
             h["active"][j, i] = 1.0
             h["coefs"][j, i] = rnd(rnd(theta / f32fn(math.sin, theta, work), work) * F32(alphas[i] / alpha_sum), work)
         hist = kc.History(**h)
-        tsq = VectorSums(lay, 1)
-        _each_chunk(ctx, lambda a, b, xs: tsq.add(a, b, [_sq(k["tangent"](xs, c, hist, np.int32(j)), b - a)]))
-        t_norm = F32(norms_of(tsq.totals()[0, 0]))
+        t_norm = F32(norms_of(lambda a, b, xs: [k["tangent"](xs, c, hist, np.int32(j))])[0])
         if float(t_norm) < tol:
             break
         h["t_norm"][j] = t_norm
         h["cos_t"][j] = f32fn(math.cos, t_norm, work)
         h["sin_t"][j] = f32fn(math.sin, t_norm, work)
         hist = kc.History(**h)
-        usq = VectorSums(lay, 1)
-        _each_chunk(ctx, lambda a, b, xs: usq.add(a, b, [_sq(k["new"](xs, c, hist, np.int32(j)), b - a)]))
-        u_norm = F32(norms_of(usq.totals()[0, 0]))
+        u_norm = F32(norms_of(lambda a, b, xs: [k["new"](xs, c, hist, np.int32(j))])[0])
         h["u_norm"][j] = u_norm
         h["u_ok"][j] = F32(float(u_norm) > tol)
         steps = j + 1
@@ -487,7 +508,7 @@ def _model_stock_kernels(work: str, out: str, base: int, nb: tuple[int, ...]):
 def model_stock_t(sum_sq: np.ndarray, pair_sums: np.ndarray, work: str) -> np.ndarray:
     """Per-vector interpolation ratio t (``work`` values) from the offsets' exact statistics.
 
-    sum_sq: float64[k, V] sums of squares of the offsets; pair_sums: float64[P, V]
+    sum_sq: [k, V] sums of squares of the offsets; pair_sums: float64[P, V]
     sums of rnd(o_i * o_j) for i < j in order.
     """
     k = sum_sq.shape[0]
@@ -520,15 +541,16 @@ def prepare_model_stock(ctx: StepContext):
     lay = Layout.rows(step.shape) if step.params["filter_wise"] else Layout.flat(step.shape)
     sk, ok = _model_stock_kernels(work, step.out_dtype, step.base, nb)
     k = len(nb)
-    sums = VectorSums(lay, k + k * (k - 1) // 2)
+    sq = _NormSums(step, lay, k, work)
+    dots = VectorSums(lay, k * (k - 1) // 2)
 
     def stats_pass(a, b, xs):
         offs, prods = sk(xs)
-        sums.add(a, b, [_sq(o, b - a) for o in offs] + [_host(p_, b - a) for p_ in prods])
+        sq.add(a, b, offs)
+        dots.add(a, b, [_host(p_, b - a) for p_ in prods])
 
     _each_chunk(ctx, stats_pass)
-    tot = sums.totals()
-    t = model_stock_t(tot[:k], tot[k:], work)
+    t = model_stock_t(sq.sums(), dots.totals(), work)
     return lambda xs, a, b: ok(xs, _per(lay, t, a, b, n))
 
 
