@@ -150,3 +150,18 @@ def test_fma_emulation_is_correctly_rounded():
     # cases where separate rounding differs from a fused multiply-add
     sep = (x * np.float32(1 / 3)) + acc
     assert np.count_nonzero(sep != ref.fma(x, np.float32(1 / 3), acc)) > 0
+
+
+def test_block_sums_fixed_tree_and_chunk_invariant():
+    rng = np.random.default_rng(9)
+    x = np.abs(rng.standard_normal(8 * sparsify.BLOCK).astype(np.float32))
+    got = np.asarray(jax.jit(sparsify.block_sums)(x))
+    # reference: the same adjacent-pairs tree in NumPy
+    y = x.reshape(-1, sparsify.BLOCK)
+    while y.shape[1] > 1:
+        y = y[:, 0::2] + y[:, 1::2]
+    assert got.tolist() == y[:, 0].tolist()
+    parts = np.concatenate([np.asarray(jax.jit(sparsify.block_sums)(x[: 3 * sparsify.BLOCK])),
+                            np.asarray(jax.jit(sparsify.block_sums)(x[3 * sparsify.BLOCK:]))])
+    assert parts.tolist() == got.tolist()
+    assert abs(float(got.astype(np.float64).sum()) - float(x.astype(np.float64).sum())) < 1e-3

@@ -136,6 +136,20 @@ def rescale_factor(l1_full: float, l1_kept: float, work: str) -> float:
 BLOCK = 1 << 10
 
 
+def block_sums(x: jnp.ndarray) -> jnp.ndarray:
+    """float32[n // BLOCK]: sums of consecutive BLOCK-element blocks of float32[n] ``x``.
+
+    Each block is summed by an explicit pairwise tree (adjacent pairs, 10
+    levels), every add an IEEE float32 add, so the result is the same on any
+    backend, device count or chunking (chunk offsets are multiples of BLOCK).
+    ``n`` must be a multiple of BLOCK.
+    """
+    y = x.reshape(-1, BLOCK)
+    while y.shape[1] > 1:
+        y = y[:, 0::2] + y[:, 1::2]
+    return y[:, 0]
+
+
 def block_l1(values: np.ndarray) -> list[float]:
     """Per-block (BLOCK = 1024 elements, from the array start) float64 sums of |values|.
 

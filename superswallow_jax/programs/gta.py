@@ -130,8 +130,8 @@ def get_kernel(sig: KernelSig) -> Callable:
             ).astype(out_dt)
     elif sig.kind == "gta_stats":
         # Statistics passes: per donor, the task vector (for magnitude
-        # histograms) or |delta| and |delta * keep| in the work dtype (for the
-        # L1 rescale of random and della pruning).
+        # histograms) or the BLOCK sums of |delta| and |delta * keep| in the
+        # work dtype (for the L1 rescale of random and della pruning).
         def run(xs, sa, rows, off_hi, off_lo, row_off):
             base = xs[sig.base]
             others = [x for i, x in enumerate(xs) if i != sig.base]
@@ -142,7 +142,7 @@ def get_kernel(sig: KernelSig) -> Callable:
                 if kind in ("random", "della"):
                     keep = _keep(sig, i, kind, delta, sa, probs, off_hi, off_lo)
                     a = jnp.abs(delta)
-                    res.append((a, a * keep.astype(jnp.float32)))
+                    res.append((sp.block_sums(a), sp.block_sums(a * keep.astype(jnp.float32))))
                 elif kind == "magnitude_outliers":
                     res.append((delta, delta))
                 else:
@@ -266,15 +266,22 @@ def _stats_pass(ctx: StepContext, args: _GtaArgs) -> None:
         donors = _donors(step)
         l1_full: list[list[float]] = [[] for _ in donors]
         l1_kept: list[list[float]] = [[] for _ in donors]
+        def collect(a: int, b: int, res) -> None:
+            nb = -(-(b - a) // sp.BLOCK)
+            for j in range(len(donors)):
+                if need[j]:
+                    l1_full[j] += np.asarray(res[j][0])[:nb].tolist()
+                    l1_kept[j] += np.asarray(res[j][1])[:nb].tolist()
+            ctx.release(a, b)
+
+        pending = None  # dispatch chunk k + 1 before collecting chunk k
         for a, b in ctx.chunks():
             res = kern(a, b)
-            for j, kind in enumerate(sig.sparsify):
-                if not need[j]:
-                    continue
-                full, kept = (np.asarray(r)[: b - a] for r in res[j])
-                l1_full[j] += sp.block_l1(full)
-                l1_kept[j] += sp.block_l1(kept)
-            ctx.release(a, b)
+            if pending is not None:
+                collect(*pending)
+            pending = (a, b, res)
+        if pending is not None:
+            collect(*pending)
         for j, kind in enumerate(sig.sparsify):
             if not need[j]:
                 continue
