@@ -121,12 +121,15 @@ def run_merge(
     order: Sequence[int] | None = None,
     fsync: bool = True,
     hash_inputs: bool = True,
+    digests: bool = True,
     procs: ProcessInfo = ProcessInfo(0, 1),
 ) -> MergeResult:
     """Merge ``cfg`` into ``out_dir``. Raises SuperswallowError on user errors.
 
     Also writes ``merge_manifest.json`` (see :mod:`superswallow_jax.manifest`).
-    Input files are hashed on a background thread while the merge runs.
+    Input files are hashed on a background thread while the merge runs (and
+    cached); ``digests=False`` skips all input and output hashing (the
+    manifest then records no digests) for the fastest merge.
 
     With several processes (``procs``, see :mod:`superswallow_jax.devices`)
     the output shards are divided among them by bytes; each process merges
@@ -158,20 +161,21 @@ def run_merge(
         owners = dv.assign_shards_to_processes([lay.size for lay in layouts], procs.count)
         mine = [i for i, o in enumerate(owners) if o == procs.index]
         my_names = {n for i in mine for n in plan.shards[i]}
-        writer = ShardedWriter(out, staging, [layouts[i] for i in mine], specs)
-        hasher = mf.StreamHasher({s.name: (s.dtype, s.shape) for s in specs if s.name in my_names})
-        inputs = mf.InputHasher(input_files(plan)).start() if (hash_inputs and procs.is_main) else None
+        writer = ShardedWriter(out, staging, [layouts[i] for i in mine], specs, hash_files=digests)
+        hasher = mf.StreamHasher({s.name: (s.dtype, s.shape) for s in specs if s.name in my_names}) if digests else None
+        inputs = mf.InputHasher(input_files(plan)).start() if (digests and hash_inputs and procs.is_main) else None
         opts = ExecOptions(seed=seed, **({"chunk_elems": chunk_elems} if chunk_elems else {}))
         steps = list(order) if order is not None else list(range(len(plan.steps)))
         steps = [i for i in steps if plan.steps[i].name in my_names]
 
         def sink(name, offset, data, _w=writer):
             _w.write(name, offset, data)
-            hasher.feed(name, offset, data)
+            if hasher is not None:
+                hasher.feed(name, offset, data)
 
         for _ in iter_results(plan, opts, progress, steps, sink=sink):
             pass
-        tensor_digests = hasher.digests()
+        tensor_digests = hasher.digests() if hasher is not None else {}
         input_hashes = inputs.join() if inputs is not None else {}
         if multi:
             dv.kv_publish(f"superswallow/digests/{procs.index}", {d.name: [d.dtype, list(d.shape), d.sha256] for d in tensor_digests.values()})
@@ -184,7 +188,7 @@ def run_merge(
             input_hashes = dv.kv_gather("superswallow/inputs", 1)[0]
         meta = output_metadata(plan, seed)
         writer.finish(fsync)
-        file_hashes = writer.file_sha256()
+        file_hashes = writer.file_sha256() if digests else {}
         if force and not multi:
             md.clear_previous_merge(out)
         final += writer.commit(fsync=fsync)
@@ -195,7 +199,9 @@ def run_merge(
         if procs.is_main:
             extras = write_extras(plan, staging, out.name)
             write_index(staging / INDEX_NAME, layouts, specs, {"superswallow_jax": __version__})
-            manifest = build_manifest(plan, seed, meta, input_hashes, tensor_digests, file_hashes, extras + [staging / INDEX_NAME])
+            manifest = build_manifest(plan, seed, meta, input_hashes, tensor_digests, file_hashes,
+                                      extras + [staging / INDEX_NAME] if digests else [])
+            manifest["digests"] = digests
             md.write_json(staging / mf.MANIFEST_NAME, manifest)
             extras.append(staging / mf.MANIFEST_NAME)
             if fsync:
@@ -240,7 +246,7 @@ def build_manifest(plan: Plan, seed: int, meta: dict, input_hashes: dict, tensor
         "config": json.loads(meta["config"]),
         "config_sha256": meta["config_sha256"],
         "input_files_sha256": dict(sorted(input_hashes.items())),
-        "model_digest": mf.model_digest(tensor_digests.values()),
+        "model_digest": mf.model_digest(tensor_digests.values()) if tensor_digests else None,
         "tensors": {d.name: {"dtype": d.dtype, "shape": list(d.shape), "sha256": d.sha256} for d in sorted(tensor_digests.values(), key=lambda d: d.name)},
         "files_sha256": dict(sorted(out_files.items())),
     }

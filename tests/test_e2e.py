@@ -272,3 +272,14 @@ def test_sharded_devices_and_two_processes_identical(models, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     assert len(list(one.glob("model-*.safetensors"))) >= 3
     assert files_digest(one) == files_digest(eight) == files_digest(two)
+
+
+def test_no_digests_same_tensors(models, tmp_path):
+    a = merge(models, tmp_path, sub="with")
+    b = merge(models, tmp_path, sub="without", digests=False)
+    assert tensors_digest(a) == tensors_digest(b)
+    man = json.loads((b / "merge_manifest.json").read_text())
+    assert man["digests"] is False and man["tensors"] == {} and man["model_digest"] is None
+    full = json.loads((a / "merge_manifest.json").read_text())
+    assert full["model_digest"] and len(full["tensors"]) == len(tensors_digest(a))
+    assert full["files_sha256"]["model.safetensors"] == hashlib.sha256((a / "model.safetensors").read_bytes()).hexdigest()

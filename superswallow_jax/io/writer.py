@@ -127,7 +127,8 @@ class ShardedWriter:
     ``w.commit(extra_files)`` when done; ``w.abort()`` on error.
     """
 
-    def __init__(self, out_dir: Path, staging: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec]):
+    def __init__(self, out_dir: Path, staging: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec],
+                 hash_files: bool = True):
         self.out_dir = Path(out_dir)
         self.staging = Path(staging)
         self.layouts = list(layouts)
@@ -138,7 +139,7 @@ class ShardedWriter:
         self._ranges: dict[str, list[tuple[int, int]]] = {}  # element ranges written per tensor
         # sha256 of each file, fed while writes arrive in file order (else recomputed at the end)
         self._sha = [hashlib.sha256(lay.header) for lay in self.layouts]
-        self._sha_pos: list[int | None] = [len(lay.header) for lay in self.layouts]
+        self._sha_pos: list[int | None] = [len(lay.header) if hash_files else None for lay in self.layouts]
         for i, lay in enumerate(self.layouts):
             for name, off in lay.offsets.items():
                 self._where[name] = (i, off)
@@ -167,7 +168,9 @@ class ShardedWriter:
             raise ValueError(f"{name}: write [{flat_offset}, {end}) outside the tensor")
         buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
         pos = base + flat_offset * dt.itemsize
-        if self._sha_pos[shard] == pos:
+        if self._sha_pos[shard] is None:
+            pass
+        elif self._sha_pos[shard] == pos:
             self._sha[shard].update(buf)
             self._sha_pos[shard] = pos + len(buf)
         elif len(buf):
