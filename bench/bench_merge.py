@@ -10,12 +10,8 @@ every command runs under ``/usr/bin/time -v`` for peak RSS and CPU time):
 * ``ours``     -- ``superswallow merge CONFIG OUT --force -q`` (the CLI as shipped:
   it fsyncs, hashes inputs and outputs, writes a manifest) for the Superswallow
   recipe (dare_ties, density 1, union tokenizer) and dare_ties density 0.5.
-* ``ours-lib`` -- the same merges through ``bench/merge_probe.py`` (``run_merge``)
-  with ``fsync=False`` (what the CLI cannot switch off); with
-  ``fsync=False, hash_inputs=False``; and, as a what-if, additionally with the
-  output digests faked (no sha256 at all: the manifest is wrong, measurement
-  only). Also reports phase times (import, plan, first chunk, end of
-  streaming, end).
+* ``ours-lib`` -- the same merges with ``--no-fsync`` and with
+  ``--no-fsync --no-digests`` (no sha256 of inputs or outputs).
 * ``mergekit`` -- ``mergekit-yaml CONFIG OUT --random-seed 0 --quiet
   --no-write-model-card`` on the same configs (only with ``--mergekit PATH``).
 * ``startup``  -- ``python -c pass``, ``import jax``, ``import superswallow_jax.merge``,
@@ -273,16 +269,12 @@ def build_jobs(args, work: Path, models: Path, tiny: Path | None) -> list[Job]:
                             floor, out))
         if "ours-lib" in only:
             out = work / f"out-lib-{r}"
-            probe = [py, str(BENCH / "merge_probe.py"), str(cfg), str(out), "--t0", "{T0}", "--no-fsync"]
-            jobs.append(Job(f"ours {r} (no fsync)", "ours-lib", probe, floor, out))
+            jobs.append(Job(f"ours {r} (--no-fsync)", "ours-lib",
+                            [cli, "merge", str(cfg), str(out), "--force", "-q", "--no-fsync"], floor, out))
             out2 = work / f"out-lib2-{r}"
-            probe2 = [py, str(BENCH / "merge_probe.py"), str(cfg), str(out2), "--t0", "{T0}", "--no-fsync",
-                      "--no-hash-inputs"]
-            jobs.append(Job(f"ours {r} (no fsync, no input hash)", "ours-lib", probe2, floor, out2))
-            out3 = work / f"out-lib3-{r}"
-            probe3 = probe2[:] + ["--no-output-hash"]
-            probe3[3] = str(out3)
-            jobs.append(Job(f"ours {r} (no fsync, no hashing)", "ours-lib", probe3, floor, out3))
+            jobs.append(Job(f"ours {r} (--no-fsync --no-digests)", "ours-lib",
+                            [cli, "merge", str(cfg), str(out2), "--force", "-q", "--no-fsync", "--no-digests"],
+                            floor, out2))
         if "mergekit" in only and args.mergekit:
             out = work / f"out-mergekit-{r}"
             jobs.append(Job(f"mergekit {r}", "mergekit",

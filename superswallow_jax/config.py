@@ -226,6 +226,32 @@ def _tok_source(raw: object, where: str) -> str:
     return _model_ref(raw, where)
 
 
+def _single_module(data: Mapping[str, Any], file: str, method: MethodSpec, warn: list[str]):
+    """The ``modules:`` form for a single-module (plain LLM) architecture.
+
+    ``modules: {NAME: {models | slices, parameters?}}`` with one module is the
+    same merge as the top-level form; module parameters rank between slice and
+    global parameters. Several modules (vision-language models) are not supported.
+    """
+    mods = data["modules"]
+    if not isinstance(mods, dict) or len(mods) != 1:
+        raise ConfigError(f"{file}: modules: only a single module is supported (multi-module architectures are not)")
+    name, mod = next(iter(mods.items()))
+    where = f"{file}: modules.{name}"
+    if not isinstance(mod, dict):
+        raise ConfigError(f"{where}: must be a mapping with models or slices")
+    unknown = set(mod) - {"models", "slices", "parameters"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    inner = [k for k in ("models", "slices") if mod.get(k) is not None]
+    if len(inner) != 1:
+        raise ConfigError(f"{where}: exactly one of models or slices must be set")
+    params = _params(mod.get("parameters"), f"{where}.parameters", method, method.params, warn)
+    flat = {k: v for k, v in data.items() if k != "modules"}
+    flat[inner[0]] = mod[inner[0]]
+    return flat, inner, params
+
+
 def parse_config(text: str, path: Path | None = None) -> MergeConfig:
     """Parse and validate YAML text. ``path`` is only used in error messages."""
     warn: list[str] = []
@@ -247,11 +273,14 @@ def parse_config(text: str, path: Path | None = None) -> MergeConfig:
     present = [k for k in ("models", "slices", "modules") if data.get(k) is not None]
     if len(present) != 1:
         raise ConfigError(f"{file}: exactly one of models, slices or modules must be set (found {present or 'none'})")
+    module_params: Mapping[str, Setting] = {}
     if present[0] == "modules":
-        raise ConfigError(f"{file}: modules: the per-module form is not supported yet; use models or slices")
+        data, present, module_params = _single_module(data, file, method, warn)
     base = data.get("base_model")
     base = _model_ref(base, f"{file}: base_model") if base is not None else None
     gparams = _params(data.get("parameters"), f"{file}: parameters", method, method.params, warn)
+    for k, setting in module_params.items():  # module level sits between slices and global
+        gparams = {**gparams, k: Setting(setting.rules + (gparams[k].rules if k in gparams else ()))}
     models = slices = None
     if present[0] == "models":
         raw = data["models"]

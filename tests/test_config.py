@@ -121,3 +121,31 @@ parameters:
     assert sl.parameters["weight"].evaluate("x", 0) == 0.5
     assert cfg.parameters["weight"].evaluate("x", 0) == 1.0  # ints become floats
     assert cfg.parameters["normalize"].evaluate("x", 0) is True  # bools stay bools
+
+
+def test_single_module_form_equals_top_level():
+    top = parse_config(BASE + "parameters: {normalize: true}\n")
+    mod = parse_config(
+        """
+modules:
+  default:
+    models:
+      - model: a
+      - model: b
+        parameters: {weight: 0.5}
+    parameters:
+      normalize: [{filter: mlp, value: false}]
+merge_method: dare_ties
+base_model: a
+parameters: {normalize: true}
+"""
+    )
+    assert mod.models == top.models
+    # module rules first, then the global ones (fall-through)
+    assert mod.parameters["normalize"].evaluate("model.layers.0.mlp.up_proj.weight", 0) is False
+    assert mod.parameters["normalize"].evaluate("model.norm.weight", 0) is True
+
+
+def test_multi_module_is_a_clear_error():
+    with pytest.raises(ConfigError, match="single module"):
+        parse_config("modules: {text: {models: [{model: a}]}, vision: {models: [{model: a}]}}\nmerge_method: linear\n")
