@@ -56,17 +56,16 @@ merge_method: linear
     ("LlamaForCausalLM", False, True),
     ("MistralForCausalLM", False, True),
     ("Qwen2ForCausalLM", True, True),
-    ("Qwen2ForCausalLM", True, False),  # tied embeddings: lm_head comes from embed_tokens
+    ("Qwen2ForCausalLM", True, False),  # tied embeddings: no lm_head tensor at all
 ])
 def test_llama_family(tmp_path, arch, bias, lm_head):
     plan = plan_for(tmp_path, arch, llama_like(3, bias, lm_head), 3)
     names = [s.name for s in plan.steps]
     assert plan.arch.name == "llama"
-    assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
+    assert names[0] == "model.embed_tokens.weight"
     assert ("model.layers.2.self_attn.q_proj.bias" in names) == bias
-    assert names[-1] == "lm_head.weight"
-    src = plan.steps[-1].sources[0].tensor.name
-    assert src == ("lm_head.weight" if lm_head else "model.embed_tokens.weight")
+    # an optional weight no model has (tied embeddings) is skipped, as in mergekit
+    assert ("lm_head.weight" in names) == lm_head
     # gradient [0, 1] over 3 layers: t = 0, 0.5, 1
     w = {s.name: s.sources[0].params["weight"] for s in plan.steps}
     assert w["model.layers.0.mlp.up_proj.weight"] == 0.0
@@ -102,3 +101,13 @@ def test_layer_index_patterns():
     assert layer_index("model.norm.weight") is None
     arch = generic_architecture([["x.blocks.0.a", "x.blocks.1.a", "x.emb"]])
     assert [t.name for t in arch.layer_templates] == ["x.blocks.${layer_index}.a"]
+
+
+def test_tied_lm_head_falls_back_to_embeddings(tmp_path):
+    """One model stores lm_head, the other ties it: the tied one supplies embed_tokens."""
+    a = make_model(tmp_path / "a", "LlamaForCausalLM", llama_like(2, lm_head=True), 2)
+    b = make_model(tmp_path / "b", "LlamaForCausalLM", llama_like(2, lm_head=False), 2)
+    cfg = parse_config(f"models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\n")
+    step = build_plan(cfg).steps[-1]
+    assert step.name == "lm_head.weight"
+    assert [s.tensor.name for s in step.sources] == ["lm_head.weight", "model.embed_tokens.weight"]
