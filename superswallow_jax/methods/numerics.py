@@ -73,6 +73,18 @@ def as_f32(x: jnp.ndarray) -> jnp.ndarray:
     return x.astype(jnp.float32)
 
 
+_CODE_OF = {jnp.dtype(jnp.bfloat16): "BF16", jnp.dtype(jnp.float16): "F16", jnp.dtype(jnp.float32): "F32"}
+
+
+def to_work(x: jnp.ndarray, code: str) -> jnp.ndarray:
+    """``x`` (any float dtype) as float32 holding dtype-``code`` values.
+
+    The cast to ``code`` is skipped when ``x`` already has that dtype (exact).
+    """
+    y = as_f32(x)
+    return y if _CODE_OF.get(jnp.dtype(x.dtype)) == code else rounder(code)(y)
+
+
 def _two_sum(a: jnp.ndarray, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Knuth's TwoSum: s = RN(a + b) and the exact error e = a + b - s (float32)."""
     s = a + b
