@@ -249,7 +249,7 @@ def _free_port() -> int:
 
 
 def test_sharded_devices_and_two_processes_identical(models, tmp_path):
-    """1 device vs 8 devices (chunks really sharded) vs 2 processes x 4 devices: same files."""
+    """1 vs 2 vs 8 devices (chunks really sharded) vs 2 processes x 4 devices: same files."""
     cfg = write_cfg(models, tmp_path, name="examples/dare-ties-d05.yaml")
     base_env = {**os.environ, "JAX_PLATFORMS": "cpu", "SUPERSWALLOW_MIN_SHARD_ELEMS": "256"}
     cmd = [sys.executable, "-m", "cli.main", "merge", str(cfg)]
@@ -260,6 +260,9 @@ def test_sharded_devices_and_two_processes_identical(models, tmp_path):
     eight = tmp_path / "eight"
     subprocess.run(cmd + [str(eight)] + extra, check=True, cwd=ROOT,
                    env={**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    pair = tmp_path / "pair"
+    subprocess.run(cmd + [str(pair)] + extra, check=True, cwd=ROOT,
+                   env={**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     two = tmp_path / "two"
     port = _free_port()
     env4 = {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -271,7 +274,7 @@ def test_sharded_devices_and_two_processes_identical(models, tmp_path):
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert len(list(one.glob("model-*.safetensors"))) >= 3
-    assert files_digest(one) == files_digest(eight) == files_digest(two)
+    assert files_digest(one) == files_digest(pair) == files_digest(eight) == files_digest(two)
 
 
 def test_no_digests_same_tensors(models, tmp_path):
