@@ -23,6 +23,9 @@ app = typer.Typer(
 
 def _fail(err: Exception) -> None:
     code = getattr(err, "exit_code", 2)
+    if isinstance(err, OSError):  # disk full, permission denied, ...: the environment, not a bug
+        where = f"{err.filename}: " if err.filename else ""
+        err = f"{where}{err.strerror or err}"
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(code)
 
@@ -127,7 +130,7 @@ def merge(
             if progress_ctx is not None:
                 progress_ctx.stop()
         typer.echo(f"wrote {res.tensors} tensors ({res.bytes_written / 1e6:.1f} MB) to {res.out_dir}")
-    except SuperswallowError as e:
+    except (SuperswallowError, OSError) as e:
         _fail(e)
 
 
@@ -146,7 +149,7 @@ def plan(
 
     try:
         p = build_plan(load_config(config), shard_size=parse_size(shard_size))
-    except SuperswallowError as e:
+    except (SuperswallowError, OSError) as e:
         _fail(e)
         return
     if as_json:
@@ -180,7 +183,7 @@ def tiny(
 
     try:
         made = make_tiny_models(out, preset=preset, seed=seed, progress=lambda msg: typer.echo(msg))
-    except SuperswallowError as e:
+    except (SuperswallowError, OSError) as e:
         _fail(e)
         return
     for name, path in made.items():
@@ -219,7 +222,7 @@ def hash_cmd(
 
     try:
         digests = mf.folder_digests(model)
-    except SuperswallowError as e:
+    except (SuperswallowError, OSError) as e:
         _fail(e)
         return
     if tensors:
@@ -265,7 +268,7 @@ def verify(
         typer.echo(f"{len(res.matched)} tensors match, {len(res.mismatched)} differ, {len(res.missing)} missing, {len(res.extra)} extra")
         if not res.ok:
             raise VerifyError(f"{out} does not match {'the folder ' + str(against) if against else str(config) + f' (seed {seed})'}")
-    except SuperswallowError as e:
+    except (SuperswallowError, OSError) as e:
         _fail(e)
 
 

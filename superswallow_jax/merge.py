@@ -29,6 +29,7 @@ from .plan import Plan, build_plan
 
 
 COPY_FILES = ("generation_config.json",)
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 TOKENIZER_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
     "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
@@ -83,16 +84,21 @@ def write_extras(plan: Plan, staging: Path, out_name: str) -> list[Path]:
     if plan.tokenizer is not None:
         from .tokenizer import write_tokenizer
 
-        written += write_tokenizer(staging, plan.tokenizer, cfg.chat_template)
+        written += write_tokenizer(staging, plan.tokenizer, plan.chat_template)
         for name in COPY_FILES:
             if (donor.dir / name).is_file():
                 shutil.copyfile(donor.dir / name, staging / name)
                 written.append(staging / name)
     else:
+        skip = CHAT_TEMPLATE_FILES if plan.chat_template is not None else ()
         for name in TOKENIZER_FILES + COPY_FILES:
-            if (donor.dir / name).is_file():
+            if name not in skip and (donor.dir / name).is_file():
                 shutil.copyfile(donor.dir / name, staging / name)
                 written.append(staging / name)
+        if plan.chat_template is not None and (staging / "tokenizer_config.json").is_file():
+            tcfg = json.loads((staging / "tokenizer_config.json").read_text(encoding="utf-8"))
+            tcfg["chat_template"] = plan.chat_template
+            md.write_json(staging / "tokenizer_config.json", tcfg)
     base = cfg.base_model
     # mergekit's card: slerp names no base and lists every model as merged
     show_base = plan.method.base != "none" and plan.method.name != "slerp"

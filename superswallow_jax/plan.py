@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .architecture import Architecture, WeightTemplate, resolve_architecture
+from .chat_template import resolve_chat_template
 from .config import MergeConfig, SliceSpec, SourceSpec
 from .errors import ConfigError, PlanError
 from .io.model_dir import read_model_config, resolve_model_dir
@@ -97,6 +98,7 @@ class Plan:
     shards: tuple[tuple[str, ...], ...]  # tensor names per output shard
     out_config: Mapping[str, Any]
     tokenizer: Any = None  # tokenizer.OutputTokenizer or None
+    chat_template: str | None = None  # resolved template text to write, or None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -434,7 +436,8 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
         out_cfg[arch.num_layers_key] = out_layer
     if tokenizer is not None:
         out_cfg["vocab_size"] = tokenizer.padded_vocab_size
-    return Plan(cfg, method, models, base_model, arch, tuple(steps), shards, out_cfg, tokenizer, tuple(notes))
+    chat = resolve_chat_template(cfg.chat_template, [m.dir for m in models])
+    return Plan(cfg, method, models, base_model, arch, tuple(steps), shards, out_cfg, tokenizer, chat, tuple(notes))
 
 
 def describe_params(p: Mapping[str, Any]) -> str:

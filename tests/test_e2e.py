@@ -286,3 +286,46 @@ def test_no_digests_same_tensors(models, tmp_path):
     full = json.loads((a / "merge_manifest.json").read_text())
     assert full["model_digest"] and len(full["tensors"]) == len(tensors_digest(a))
     assert full["files_sha256"]["model.safetensors"] == hashlib.sha256((a / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("value, expect", [
+    ("auto", "from-models"),
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "literal"),
+    ("chatml", "error"),
+    ("oops", "error"),
+])
+@pytest.mark.parametrize("tokenizer", [True, False])
+def test_chat_template(models, tmp_path, value, expect, tokenizer):
+    """chat_template is applied whether a tokenizer is built (union) or copied from the base."""
+    text = f"""
+models:
+  - model: {models["llama"]}
+  - model: {models["tulu"]}
+    parameters: {{weight: 0.5}}
+merge_method: task_arithmetic
+base_model: {models["llama"]}
+dtype: bfloat16
+chat_template: {json.dumps(value)}
+""" + ("tokenizer_source: union\n" if tokenizer else "")
+    cfg = write_cfg(models, tmp_path, text)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["merge", str(cfg), str(out), "-q", "--no-fsync"])
+    if expect == "error":
+        assert "chat_template" in one_line_error(r)
+        return
+    assert r.exit_code == 0, r.output
+    got = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    if expect == "literal":
+        assert got == value
+    else:
+        templates = [json.loads((Path(models[m]) / "tokenizer_config.json").read_text()).get("chat_template") for m in ("llama", "tulu")]
+        assert got in templates and got is not None
+
+
+def test_unwritable_output_is_one_line_error(models, tmp_path):
+    """An OSError from the environment (here: mkdir inside /proc, refused even for root)."""
+    if not Path("/proc/self").exists():
+        pytest.skip("needs /proc")
+    cfg = write_cfg(models, tmp_path)
+    r = runner.invoke(app, ["merge", str(cfg), "/proc/superswallow-test/out", "-q"])
+    assert "/proc/superswallow-test" in one_line_error(r)

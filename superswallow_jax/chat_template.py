@@ -1,0 +1,48 @@
+"""The config's ``chat_template``: ``auto``, a built-in name, or a literal Jinja template.
+
+* ``auto`` -- the most common ``chat_template`` among the models'
+  ``tokenizer_config.json`` (ties: the first in config order, base first);
+  none found means no template is set.
+* A built-in name (``alpaca``, ``chatml``, ``exaone``, ``llama3``,
+  ``mistral``): mergekit ships these files; we do not, so this is an error
+  that asks for the template text instead.
+* Anything else is the template itself; like mergekit we require at least 20
+  characters and a ``{`` so that a typo of a name is not taken as a template.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ConfigError
+
+BUILTIN = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def _model_template(model_dir: Path) -> str | None:
+    path = Path(model_dir) / "tokenizer_config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def resolve_chat_template(value: str | None, model_dirs: Sequence[Path]) -> str | None:
+    """The template text to write, or None to keep the tokenizer's own."""
+    if value is None:
+        return None
+    if value == "auto":
+        found = [t for t in (_model_template(d) for d in model_dirs) if t is not None]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if value in BUILTIN:
+        raise ConfigError(
+            f"chat_template: the built-in template {value!r} is not bundled with superswallow_jax; "
+            "put the Jinja template text in the config instead"
+        )
+    if len(value) < 20 or "{" not in value:
+        raise ConfigError(f"chat_template: {value!r} is neither 'auto', a built-in name nor a Jinja template")
+    return value
