@@ -124,7 +124,8 @@ class ShardedWriter:
 
     Usage: ``w = ShardedWriter(...)``; ``w.write(name, flat_offset, array)`` any
     number of times (chunks of the flattened tensor, any order);
-    ``w.commit(extra_files)`` when done; ``w.abort()`` on error.
+    ``w.finish()`` (checks, fsync, close), ``w.file_sha256()``, ``w.commit()``
+    (renames) when done; ``w.abort()`` on error.
     """
 
     def __init__(self, out_dir: Path, staging: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec],
@@ -143,18 +144,25 @@ class ShardedWriter:
         for i, lay in enumerate(self.layouts):
             for name, off in lay.offsets.items():
                 self._where[name] = (i, off)
-        for lay in self.layouts:
-            path = self.staging / lay.filename
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            try:
-                if hasattr(os, "posix_fallocate") and lay.size > 0:
-                    os.posix_fallocate(fd, 0, lay.size)
-                else:  # pragma: no cover - non-Linux
-                    os.ftruncate(fd, lay.size)
-            except OSError as e:
-                raise OutputError(f"{path}: cannot allocate {lay.size} bytes ({e.strerror})") from None
-            os.pwrite(fd, lay.header, 0)
+        try:
+            for lay in self.layouts:
+                self._open(lay)
+        except BaseException:
+            self.close_files()  # no descriptor leaks when a later shard fails
+            raise
+
+    def _open(self, lay: ShardLayout) -> None:
+        path = self.staging / lay.filename
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds.append(fd)
+        try:
+            if hasattr(os, "posix_fallocate") and lay.size > 0:
+                os.posix_fallocate(fd, 0, lay.size)
+            else:  # pragma: no cover - non-Linux
+                os.ftruncate(fd, lay.size)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot allocate {lay.size} bytes ({e.strerror})") from None
+        os.pwrite(fd, lay.header, 0)
 
     def write(self, name: str, flat_offset: int, data: np.ndarray) -> None:
         """Write ``data`` (C-contiguous, the tensor's dtype) at element ``flat_offset`` of ``name``."""
