@@ -19,11 +19,10 @@ output shard. :func:`build_plan` follows mergekit 0.1.5:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 
 from .architecture import Architecture, WeightTemplate, resolve_architecture
 from .chat_template import resolve_chat_template
@@ -99,7 +98,6 @@ class Plan:
     out_config: Mapping[str, Any]
     tokenizer: Any = None  # tokenizer.OutputTokenizer or None
     chat_template: str | None = None  # resolved template text to write, or None
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def total_input_bytes(self) -> int:
@@ -321,7 +319,6 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
     tokenizer = None
     mtoks: dict = {}
     overrides: dict = {}
-    notes: list[str] = []
     if cfg.tokenizer is not None:
         from . import tokenizer as tok_mod
 
@@ -437,7 +434,7 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
     if tokenizer is not None:
         out_cfg["vocab_size"] = tokenizer.padded_vocab_size
     chat = resolve_chat_template(cfg.chat_template, [m.dir for m in models])
-    return Plan(cfg, method, models, base_model, arch, tuple(steps), shards, out_cfg, tokenizer, chat, tuple(notes))
+    return Plan(cfg, method, models, base_model, arch, tuple(steps), shards, out_cfg, tokenizer, chat)
 
 
 def describe_params(p: Mapping[str, Any]) -> str:
@@ -449,4 +446,4 @@ def describe_params(p: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in p.items() if v is not None)
 
 
-__all__ = ["Plan", "Step", "Source", "ModelInput", "build_plan", "load_models", "describe_params", "np"]
+__all__ = ["Plan", "Step", "Source", "ModelInput", "build_plan", "load_models", "describe_params"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import random
 import struct
 import tracemalloc
