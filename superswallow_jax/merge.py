@@ -225,7 +225,7 @@ def run_merge(
         shutil.rmtree(staging, ignore_errors=True)
         for m in plan.models:
             m.checkpoint.close()
-    return MergeResult(out, tuple(final), len(plan.steps), bytes_written)
+    return MergeResult(out, tuple(final), len(my_names), bytes_written)
 
 
 def input_files(plan: Plan) -> dict[str, Path]:
