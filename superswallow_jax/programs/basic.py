@@ -7,6 +7,7 @@ import functools
 import jax
 import numpy as np
 
+from ..errors import PlanError
 from ..io.reader import DTYPES
 from ..methods.linear import linear
 from ..methods.passthrough import passthrough
@@ -38,6 +39,18 @@ def passthrough_program(ctx: StepContext, index: int = 0, scale: float | None = 
     kern = _passthrough_kernel(step.work_dtype, step.out_dtype, scale is not None)
     s = np.float32(1.0 if scale is None else scale)
     return lambda xs, a, b: kern(xs[index], s)
+
+
+def base_only_program(ctx: StepContext):
+    """For methods that need the base's tensor: a PlanError if it is missing; a
+    copy of the base when no other model has this tensor (mergekit returns it);
+    else None (the caller merges)."""
+    step = ctx.step
+    if step.base is None:
+        raise PlanError(f"tensor {step.name}: {ctx.plan.method.name} needs the base model's tensor")
+    if len(step.sources) == 1:
+        return passthrough_program(ctx, step.base)
+    return None
 
 
 @register("passthrough")

@@ -13,14 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import PlanError
 from ..io.reader import DTYPES
 from ..methods import gta as gta_m
 from ..methods import ram as ram_m
 from ..methods.sparsify import round_scalar
 from ..stream import StepContext
 from . import register
-from .basic import passthrough_program
+from .basic import base_only_program
 
 
 def _split(xs, base: int):
@@ -50,12 +49,10 @@ def _count_kernel(work: str, base: int, n: int):
 
 @register("ram")
 def prepare_ram(ctx: StepContext):
+    if (p := base_only_program(ctx)) is not None:
+        return p
     step = ctx.step
-    if step.base is None:
-        raise PlanError(f"tensor {step.name}: {ctx.plan.method.name} needs the base model's tensor")
     k = len(step.sources) - 1
-    if k == 0:  # only the base has this tensor: mergekit returns it
-        return passthrough_program(ctx, step.base)
     work = step.work_dtype
     eps = np.float32(round_scalar(float(step.params["epsilon"]), work))
     plus = ctx.plan.method.name == "ramplus_tl"

@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import PlanError
 from ..io.reader import DTYPES
 from ..methods import gta as gta_m
 from ..methods import sce as sce_m
 from ..methods import sparsify as sp
 from ..stream import StepContext, pad
 from . import register
-from .basic import passthrough_program
+from .basic import base_only_program
 from .select import select_ranges
 
 
@@ -61,12 +60,10 @@ def _merge_kernel(work: str, out: str, base: int, mode: str, n: int):
 
 @register("sce")
 def prepare_sce(ctx: StepContext):
+    if (p := base_only_program(ctx)) is not None:
+        return p
     step = ctx.step
-    if step.base is None:
-        raise PlanError(f"tensor {step.name}: sce needs the base model's tensor")
     k = len(step.sources) - 1
-    if k == 0:  # only the base has this tensor: mergekit returns it
-        return passthrough_program(ctx, step.base)
     work, n = step.work_dtype, step.numel
     topk = float(step.params["select_topk"])
     tau = _tau_kernel(work, step.base)
