@@ -13,13 +13,15 @@ The quartiles of tensors with more than 10^6 elements come from 10^6
 elements drawn with replacement (mergekit uses ``torch.randint``; here the
 tensor's own key stream, so statistically equivalent, not identical).
 The softmax ``exp`` and the row sums are float32 here and in torch, but
-not the same roundings: see docs/mergekit-0.1.5-notes.md.
+not the same roundings: see docs/mergekit-0.1.5-notes.md. ``exp`` and ``log``
+are :mod:`.transcendental`'s (XLA's differ between CPU and GPU in the last bit).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from . import transcendental
 from .numerics import as_f32, fp_barrier, rounder
 
 SAMPLE_SIZE = 1_000_000
@@ -33,7 +35,7 @@ def inputs(base: jnp.ndarray, other: jnp.ndarray, *, work: str) -> tuple[jnp.nda
 
 def exp_terms(x: jnp.ndarray, row_max: jnp.ndarray) -> jnp.ndarray:
     """``exp(x - max)`` in float32 (x: a rounded input; row_max per element or scalar)."""
-    return jnp.exp(fp_barrier(x - row_max))
+    return transcendental.exp(fp_barrier(x - row_max))
 
 
 def softmax(x: jnp.ndarray, row_max: jnp.ndarray, inv_sum: jnp.ndarray, eps: jnp.ndarray, *, work: str) -> jnp.ndarray:
@@ -47,7 +49,7 @@ def kl_terms(a, b, max_a, max_b, inv_a, inv_b, eps, *, work: str) -> jnp.ndarray
     rnd = rounder(work)
     p = softmax(b, max_b, inv_b, eps, work=work)
     q = softmax(a, max_a, inv_a, eps, work=work)
-    return rnd(p * rnd(jnp.log(rnd(p / q))))
+    return rnd(p * rnd(transcendental.log(rnd(p / q))))
 
 
 def importance(a: jnp.ndarray, b: jnp.ndarray, kl: jnp.ndarray, *, work: str) -> jnp.ndarray:
