@@ -15,6 +15,9 @@ first line), so they include interpreter start-up:
 * ``first_chunk``: the first output chunk was dispatched;
 * ``loop_done``: the last chunk was dispatched (streaming phase over);
 * ``done``: ``run_merge`` returned (digests, manifest, fsync, renames).
+
+It also prints the JAX backend and, where the backend reports it (GPU, TPU),
+the first device's peak memory in use (``device_peak_bytes``).
 """
 
 import time
@@ -72,7 +75,11 @@ def main() -> None:
     marks["first_chunk"] = state["first"]
     marks["loop_done"] = state["last"]
     marks["done"] = time.time() - t0
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}  # None on some backends
     print(json.dumps({
+        "backend": jax.default_backend(), "device_peak_bytes": stats.get("peak_bytes_in_use"),
         "marks": {k: (round(v, 4) if v is not None else None) for k, v in marks.items()},
         "tensors": res.tensors, "bytes_written": res.bytes_written, "input_bytes": state["bytes"],
     }))
