@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from .devices import Placement
+from .hostbuf import HostBuffers
 from .io.reader import DTYPES
 from .methods import sparsify as sp
 from .plan import Plan, Step
@@ -45,10 +46,17 @@ def pad(x: np.ndarray, n: int) -> np.ndarray:
 
 
 class InputFetcher:
-    """Produces the input chunks of a step (zero-copy where possible)."""
+    """Produces the input chunks of a step.
+
+    :meth:`padded` reads with ``pread`` into pooled 64-byte-aligned buffers
+    (:mod:`superswallow_jax.hostbuf`), which JAX's CPU backend uses without a
+    copy; :meth:`chunk` returns zero-copy memory-mapped views (or, for
+    vocabulary-aligned embeddings, the re-ordered rows).
+    """
 
     def __init__(self, plan: Plan):
         self.plan = plan
+        self.buffers = HostBuffers()
 
     def _view(self, step: Step, i: int) -> np.ndarray:
         src = step.sources[i]
@@ -64,6 +72,23 @@ class InputFetcher:
         read_rows = lambda j, ids: views[j][ids]  # noqa: E731  (source j's original rows; copies only those)
         rows = step.alignment.aligned_rows(i, r0, r1, read_rows, DTYPES[step.work_dtype], tensor=step.name)
         return np.ascontiguousarray(rows).reshape(-1)[a - r0 * hidden : b - r0 * hidden]
+
+    def padded(self, step: Step, i: int, a: int, b: int, n: int) -> np.ndarray:
+        """Elements [a, b) of source ``i``, zero-padded to ``n`` (dtype as stored; a pooled buffer).
+
+        The array is only valid until the caller drops it and every JAX array
+        made from it: then the pool hands the memory out again.
+        """
+        if step.embed:
+            return pad(self.chunk(step, i, a, b), n)
+        src = step.sources[i]
+        dt = src.tensor.np_dtype
+        buf = self.buffers.get(n * dt.itemsize)
+        k = (b - a) * dt.itemsize
+        self.plan.models[src.model].checkpoint.file(src.tensor).read_into(src.tensor, a * dt.itemsize, buf[:k])
+        if k < buf.size:
+            buf[k:] = 0
+        return buf.view(dt)
 
     def release(self, step: Step, a: int, b: int) -> None:
         """Unmap the pages of the consumed input range [a, b) (MADV_DONTNEED).
@@ -105,7 +130,7 @@ class StepContext:
     def inputs(self, a: int, b: int) -> list:
         """Every source's elements [a, b), zero-padded to the bucket, placed on the device(s)."""
         return [
-            self.placement.put(pad(self.fetch.chunk(self.step, i, a, b), self.bucket))
+            self.placement.put(self.fetch.padded(self.step, i, a, b, self.bucket))
             for i in range(len(self.step.sources))
         ]
 

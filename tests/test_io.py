@@ -216,6 +216,63 @@ def test_release_is_harmless(tmp_path):
     f.close()
 
 
+def test_read_into_exact_bytes_any_offset(tmp_path):
+    big = _rand((3 * mmap.PAGESIZE + 5,), np.float32, 11)
+    small = np.arange(7, dtype=np.int16)
+    path = tmp_path / "r.safetensors"
+    save_file({"w": big, "s": small}, str(path))
+    f = SafetensorsFile(path)
+    w = f.header.tensors["w"]
+    for begin, n in [(0, w.nbytes), (4, 4096), (w.nbytes - 3, 3), (1, 0)]:
+        out = np.full(n, 0xAB, np.uint8)
+        f.read_into(w, begin, out)
+        assert out.tobytes() == big.tobytes()[begin : begin + n]
+    out = np.empty(7, np.int16)
+    f.read_into(f.header.tensors["s"], 0, out)
+    assert _same(out, small)
+    with pytest.raises(SafetensorsError, match="outside"):
+        f.read_into(w, w.nbytes - 2, np.empty(4, np.uint8))
+    f.close()
+
+
+def test_read_into_file_truncated_after_header_read(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"w": _rand((4096,), np.float32, 12)}, str(path))
+    f = SafetensorsFile(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 100)
+    with pytest.raises(SafetensorsError) as e:
+        f.read_into(f.header.tensors["w"], 0, np.empty(4096 * 4, np.uint8))
+    _check_error(e, path, "truncated", "tensor w")
+    f.close()
+
+
+def test_host_buffers_reuse_only_unreferenced():
+    import jax
+
+    from superswallow_jax.hostbuf import HostBuffers
+
+    pool = HostBuffers()
+    a = pool.get(4096)
+    assert a.ctypes.data % 64 == 0 and a.flags.writeable
+    b = pool.get(4096)
+    assert not np.shares_memory(a, b) and pool.count() == 2
+    view = a.view(np.float32)[10:20]
+    del a
+    c = pool.get(4096)  # a's memory is still referenced through ``view``
+    assert not np.shares_memory(c, view) and pool.count() == 3
+    del view, b, c
+    d = pool.get(4096)
+    assert pool.count() == 3
+    x = d.view(np.float32)
+    x[:] = np.arange(1024, dtype=np.float32)
+    arr = jax.device_put(x)  # JAX holds x (zero-copy on CPU, or until its copy is done)
+    del d, x
+    for _ in range(4):
+        pool.get(4096)[:] = 0xFF  # never the memory behind ``arr``
+    np.testing.assert_array_equal(np.asarray(arr), np.arange(1024, dtype=np.float32))
+
+
 # ----------------------------------------------------------------------------- reader: malformed files
 
 _VALID = {

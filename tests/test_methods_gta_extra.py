@@ -25,7 +25,7 @@ from superswallow_jax.methods.registry import METHODS
 from superswallow_jax.plan import Source, Step
 from superswallow_jax.programs import prepare
 from superswallow_jax.programs.select import select_ranges
-from superswallow_jax.stream import StepContext, bucket_for, chunk_size
+from superswallow_jax.stream import StepContext, bucket_for, chunk_size, pad
 
 from . import reference as ref
 from . import reference_extra as rx
@@ -42,6 +42,9 @@ class _Fetch:
 
     def chunk(self, step, i, a, b):
         return self.arrays[i][a:b]
+
+    def padded(self, step, i, a, b, n):
+        return pad(self.arrays[i][a:b], n)
 
     def release(self, step, a, b):
         pass

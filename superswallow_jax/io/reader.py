@@ -195,6 +195,7 @@ class SafetensorsFile:
         self.header = header or read_header(path)
         self.path = self.header.path
         self._map: np.memmap | None = None
+        self._fd: int | None = None
 
     def _mapping(self) -> np.memmap:
         if self._map is None:
@@ -216,6 +217,33 @@ class SafetensorsFile:
             return raw.view(info.np_dtype).reshape(info.shape)
         # Misaligned for the element type: numpy still allows an unaligned view.
         return np.ndarray(info.shape, info.np_dtype, buffer=raw)
+
+    def read_into(self, info: TensorInfo, begin: int, out: np.ndarray) -> None:
+        """Copy bytes ``[begin, begin + out.nbytes)`` of tensor ``info`` into ``out``.
+
+        ``out``: a writable, C-contiguous array (any dtype); filled with
+        ``pread`` (the GIL is released while the kernel copies), so no page of
+        the file is mapped into this process. Raises SafetensorsError if the
+        range is outside the tensor or the file is shorter than its header says.
+        """
+        n = out.nbytes
+        if begin < 0 or begin + n > info.nbytes:
+            raise _fail(self.path, f"tensor {info.name}: read of bytes [{begin}, {begin + n}) outside its {info.nbytes}")
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise _fail(self.path, f"cannot open: {e.strerror or e}") from None
+        mv = memoryview(out).cast("B")
+        pos, done = info.begin + begin, 0
+        while done < n:
+            try:
+                got = os.preadv(self._fd, [mv[done:]], pos + done)
+            except OSError as e:
+                raise _fail(self.path, f"read error in tensor {info.name}: {e.strerror or e}") from None
+            if got <= 0:
+                raise _fail(self.path, f"truncated while reading tensor {info.name} (file changed?)")
+            done += got
 
     def release(self, info: TensorInfo, begin: int, end: int) -> None:
         """Tell the kernel the byte range [begin, end) of ``info`` is consumed.
@@ -241,6 +269,9 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 INDEX_NAME = "model.safetensors.index.json"
