@@ -167,7 +167,7 @@ def run_merge(
         owners = dv.assign_shards_to_processes([lay.size for lay in layouts], procs.count)
         mine = [i for i, o in enumerate(owners) if o == procs.index]
         my_names = {n for i in mine for n in plan.shards[i]}
-        writer = ShardedWriter(out, staging, [layouts[i] for i in mine], specs, hash_files=digests)
+        writer = ShardedWriter(out, staging, [layouts[i] for i in mine], specs, hash_files=digests, writeback=fsync)
         hasher = mf.StreamHasher({s.name: (s.dtype, s.shape) for s in specs if s.name in my_names}) if digests else None
         inputs = mf.InputHasher(input_files(plan)).start() if (digests and hash_inputs and procs.is_main) else None
         opts = ExecOptions(seed=seed, **({"chunk_elems": chunk_elems} if chunk_elems else {}))

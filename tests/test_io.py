@@ -656,7 +656,7 @@ def _specs_for(tensors: dict[str, np.ndarray]) -> list[TensorSpec]:
 
 def _write_all(
     out: Path, tensors: dict[str, np.ndarray], shard_size: int = 10**12, chunk: int | None = None,
-    seed: int | None = None, metadata: dict | None = None, commit: bool = True,
+    seed: int | None = None, metadata: dict | None = None, commit: bool = True, writeback: bool = False,
 ):
     """Plan, write (in chunks of ``chunk`` elements, shuffled when ``seed`` is set) and commit."""
     out.mkdir(parents=True, exist_ok=True)
@@ -664,7 +664,7 @@ def _write_all(
     staging.mkdir(exist_ok=True)
     specs = _specs_for(tensors)
     layouts = plan_layout(assign_shards(specs, shard_size), metadata or {})
-    w = ShardedWriter(out, staging, layouts, specs)
+    w = ShardedWriter(out, staging, layouts, specs, writeback=writeback)
     jobs = []
     for name, arr in tensors.items():
         flat = arr.reshape(-1)
@@ -683,6 +683,23 @@ def _write_all(
         (staging / INDEX_NAME).replace(out / INDEX_NAME)
         return w, layouts, specs, paths
     return w, layouts, specs, None
+
+
+def test_writeback_kicks_and_same_bytes(tmp_path, monkeypatch):
+    import superswallow_jax.io.writer as wr
+
+    if wr._START_WRITEBACK is None:
+        pytest.skip("no sync_file_range on this platform")
+    calls = []
+    real = wr._START_WRITEBACK
+    monkeypatch.setattr(wr, "WRITEBACK_EVERY", 1000)
+    monkeypatch.setattr(wr, "_START_WRITEBACK", lambda fd, off, n: calls.append(real(fd, off, n)))
+    tensors = {"a": _rand((3000,), np.float32, 1), "b": _rand((700,), np.float16, 2)}
+    *_, plain = _write_all(tmp_path / "p", tensors, chunk=256)
+    assert not calls
+    *_, kicked = _write_all(tmp_path / "k", tensors, chunk=256, writeback=True)
+    assert len(calls) == 12 and set(calls) == {0}  # after every >= 1000 bytes (11 + 1); each call returned 0
+    assert [p.read_bytes() for p in kicked] == [p.read_bytes() for p in plain]
 
 
 @pytest.mark.parametrize("meta", [{}, {"a": "b"}, {"format": "pt", "x" * 37: "日本"}])

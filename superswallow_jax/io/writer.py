@@ -14,6 +14,8 @@ Tensors follow each other without gaps, as the format requires.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import math
@@ -28,6 +30,27 @@ from ..errors import OutputError
 from .reader import CODES, DTYPES, INDEX_NAME, SINGLE_NAME
 
 ALIGN = 64
+#: With fsync on, writeback of a shard is started every this many bytes
+#: (``sync_file_range``, asynchronous), so the final fsync waits for little.
+WRITEBACK_EVERY = 64 << 20
+
+
+def _sync_file_range():
+    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` (Linux; else ``None``)."""
+    if not os.uname().sysname == "Linux":  # pragma: no cover
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    write = 2  # SYNC_FILE_RANGE_WRITE: start writeback of dirty pages, do not wait
+    return lambda fd, off, n: fn(fd, off, n, write)
+
+
+_START_WRITEBACK = _sync_file_range()
 
 
 @dataclass(frozen=True)
@@ -129,7 +152,7 @@ class ShardedWriter:
     """
 
     def __init__(self, out_dir: Path, staging: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec],
-                 hash_files: bool = True):
+                 hash_files: bool = True, writeback: bool = False):
         self.out_dir = Path(out_dir)
         self.staging = Path(staging)
         self.layouts = list(layouts)
@@ -141,6 +164,9 @@ class ShardedWriter:
         # sha256 of each file, fed while writes arrive in file order (else recomputed at the end)
         self._sha = [hashlib.sha256(lay.header) for lay in self.layouts]
         self._sha_pos: list[int | None] = [len(lay.header) if hash_files else None for lay in self.layouts]
+        # early writeback (when the output will be fsynced): bytes written since the last kick
+        self._writeback = writeback and _START_WRITEBACK is not None
+        self._dirty = [0] * len(self.layouts)
         for i, lay in enumerate(self.layouts):
             for name, off in lay.offsets.items():
                 self._where[name] = (i, off)
@@ -188,6 +214,11 @@ class ShardedWriter:
             buf = buf[n:]
             pos += n
         self._written[shard] += data.nbytes
+        if self._writeback:
+            self._dirty[shard] += data.nbytes
+            if self._dirty[shard] >= WRITEBACK_EVERY:
+                self._dirty[shard] = 0
+                _START_WRITEBACK(self._fds[shard], 0, 0)  # whole file: only dirty pages are queued
         if data.size:
             self._ranges.setdefault(name, []).append((flat_offset, end))
 
