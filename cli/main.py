@@ -74,7 +74,8 @@ def merge(
     chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 4M)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     fsync: bool = typer.Option(True, help="fsync output files before renaming them into place"),
-    digests: bool = typer.Option(True, help="sha256 of inputs, output tensors and files in merge_manifest.json"),
+    digests: bool = typer.Option(True, help="sha256 of inputs, output tensors and small files in merge_manifest.json"),
+    file_digests: bool = typer.Option(False, help="also the sha256 of each weight shard file (one more pass over the output bytes)"),
     coordinator: Optional[str] = typer.Option(None, help="multi-process: HOST:PORT of process 0's coordinator"),
     num_processes: Optional[int] = typer.Option(None, help="multi-process: number of processes"),
     process_id: Optional[int] = typer.Option(None, help="multi-process: this process's index"),
@@ -125,6 +126,7 @@ def merge(
             res = run_merge(
                 cfg, out, seed=seed, shard_size=size, out_dtype=_dtype_code(out_dtype), force=force,
                 chunk_elems=chunk_elems, progress=on_progress, on_plan=on_plan, procs=procs, fsync=fsync, digests=digests,
+                file_digests=file_digests,
             )
         finally:
             if progress_ctx is not None:

@@ -278,14 +278,19 @@ def test_sharded_devices_and_two_processes_identical(models, tmp_path):
 
 
 def test_no_digests_same_tensors(models, tmp_path):
-    a = merge(models, tmp_path, sub="with")
+    a = merge(models, tmp_path, sub="with", file_digests=True)
     b = merge(models, tmp_path, sub="without", digests=False)
-    assert tensors_digest(a) == tensors_digest(b)
+    c = merge(models, tmp_path, sub="default")
+    assert tensors_digest(a) == tensors_digest(b) == tensors_digest(c)
     man = json.loads((b / "merge_manifest.json").read_text())
     assert man["digests"] is False and man["tensors"] == {} and man["model_digest"] is None
     full = json.loads((a / "merge_manifest.json").read_text())
-    assert full["model_digest"] and len(full["tensors"]) == len(tensors_digest(a))
+    assert full["model_digest"] and len(full["tensors"]) == len(tensors_digest(a)) and full["file_digests"] is True
     assert full["files_sha256"]["model.safetensors"] == hashlib.sha256((a / "model.safetensors").read_bytes()).hexdigest()
+    dflt = json.loads((c / "merge_manifest.json").read_text())
+    assert dflt["model_digest"] == full["model_digest"] and dflt["tensors"] == full["tensors"]
+    assert dflt["file_digests"] is False and "model.safetensors" not in dflt["files_sha256"]
+    assert dflt["files_sha256"]["config.json"] == hashlib.sha256((c / "config.json").read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("value, expect", [
