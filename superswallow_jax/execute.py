@@ -104,7 +104,9 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
     writer = _Sink(sink)
     try:
         steps = plan.steps if order is None else [plan.steps[i] for i in order]
-        for step in steps:
+        for k, step in enumerate(steps):
+            if k + 1 < len(steps):  # read-ahead hint for the next tensor's first chunk
+                fetch.prefetch(steps[k + 1], 0, min(steps[k + 1].numel, chunk))
             ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch, placement)
             program = programs.prepare(ctx)
             in_bytes = sum(s.tensor.np_dtype.itemsize for s in step.sources)

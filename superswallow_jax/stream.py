@@ -90,6 +90,16 @@ class InputFetcher:
             buf[k:] = 0
         return buf.view(dt)
 
+    def prefetch(self, step: Step, a: int, b: int) -> None:
+        """Start reading every source's elements [a, b) in the background (a kernel hint)."""
+        for src in step.sources:
+            isz = src.tensor.np_dtype.itemsize
+            lo, hi = a, b
+            if step.embed:  # rows keep their ids for the most part; whole rows of the range
+                hidden = step.shape[1]
+                lo, hi = a // hidden * hidden, -(-b // hidden) * hidden
+            self.plan.models[src.model].checkpoint.file(src.tensor).prefetch(src.tensor, lo * isz, hi * isz)
+
     def release(self, step: Step, a: int, b: int) -> None:
         """Unmap the pages of the consumed input range [a, b) (MADV_DONTNEED).
 
@@ -128,7 +138,12 @@ class StepContext:
             yield a, min(n, a + self.chunk)
 
     def inputs(self, a: int, b: int) -> list:
-        """Every source's elements [a, b), zero-padded to the bucket, placed on the device(s)."""
+        """Every source's elements [a, b), zero-padded to the bucket, placed on the device(s).
+
+        Also asks the kernel to read ahead the next chunk of the tensor.
+        """
+        if b < self.step.numel:
+            self.fetch.prefetch(self.step, b, min(self.step.numel, b + self.chunk))
         return [
             self.placement.put(self.fetch.padded(self.step, i, a, b, self.bucket))
             for i in range(len(self.step.sources))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import random
 import struct
 import tracemalloc
@@ -244,6 +245,19 @@ def test_read_into_file_truncated_after_header_read(tmp_path):
     with pytest.raises(SafetensorsError) as e:
         f.read_into(f.header.tensors["w"], 0, np.empty(4096 * 4, np.uint8))
     _check_error(e, path, "truncated", "tensor w")
+    f.close()
+
+
+def test_prefetch_hints_the_tensor_range_only(tmp_path, monkeypatch):
+    path = tmp_path / "p.safetensors"
+    save_file({"a": _rand((100,), np.float32, 3), "b": _rand((50,), np.float16, 4)}, str(path))
+    f = SafetensorsFile(path)
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)), raising=False)
+    b = f.header.tensors["b"]
+    f.prefetch(b, 10, 1000)  # clipped to the tensor
+    f.prefetch(b, 100, 100)  # empty: no call
+    assert calls == [(b.begin + 10, b.nbytes - 10, os.POSIX_FADV_WILLNEED)]
     f.close()
 
 

@@ -46,6 +46,9 @@ class _Fetch:
     def padded(self, step, i, a, b, n):
         return pad(self.arrays[i][a:b], n)
 
+    def prefetch(self, step, a, b):
+        pass
+
     def release(self, step, a, b):
         pass
 
