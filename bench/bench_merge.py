@@ -28,7 +28,10 @@ are re-read into the page cache before every round.
 
     python bench/bench_merge.py [--models DIR] [--repeat 3] [--mergekit PATH]
                                 [--only floor,ours,ours-lib,mergekit,startup]
-                                [--recipes superswallow,dare-d0.5] [--work DIR] [--keep]
+                                [--recipes superswallow,dare-d0.5] [--work DIR] [--keep] [--cold]
+
+``--cold`` empties the page cache (root) before each timed merge, so inputs
+are read from the disk, as in a 70B merge; by default inputs are cached.
 """
 
 from __future__ import annotations
@@ -230,10 +233,19 @@ def pretouch(nbytes: int) -> None:
     del buf
 
 
-def run_job(job: Job, workdir: Path, pretouch_bytes: int = 0) -> Run:
+def drop_caches() -> None:
+    """Empty the page cache (root only): the next reads of the inputs come from the disk."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def run_job(job: Job, workdir: Path, pretouch_bytes: int = 0, cold: bool = False) -> Run:
     _clear(job.out)
     os.sync()
     pretouch(pretouch_bytes)
+    if cold and job.group != "startup":
+        drop_caches()
     env = {**os.environ, "JAX_LOG_COMPILES": "1", **job.env}
     tfile = workdir / "time-v.txt"
     tfile.unlink(missing_ok=True)
@@ -407,6 +419,9 @@ def main() -> None:
                     help="touch and free this much memory before each timed command (0: off; see pretouch())")
     ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {','.join(RECIPES)}")
     ap.add_argument("--keep", action="store_true", help="keep the outputs of the last round")
+    ap.add_argument("--cold", action="store_true",
+                    help="empty the page cache before each timed merge (root): inputs come from the disk, "
+                         "as they do for a 70B merge that does not fit in memory")
     args = ap.parse_args()
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     args.recipes = [x.strip() for x in args.recipes.split(",") if x.strip()]
@@ -419,6 +434,11 @@ def main() -> None:
         raise SystemExit(f"{TIME} not found (apt-get install time)")
     if "mergekit" in args.only and args.mergekit and not Path(args.mergekit).exists():
         raise SystemExit(f"--mergekit {args.mergekit}: not found")
+    if args.cold:
+        try:
+            drop_caches()
+        except OSError as e:
+            raise SystemExit(f"--cold: cannot drop the page cache ({e}); run as root")
 
     info = machine_info()
     print(f"# bench_merge  {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
@@ -440,14 +460,15 @@ def main() -> None:
     if args.mergekit is None and "mergekit" in args.only:
         print("# mergekit: skipped (no --mergekit PATH)")
     print(f"# {len(jobs)} measurements x {args.repeat} repeats, round-robin; work dir {work}")
-    print(f"# warm-up read of both inputs: {warm([sw, tu]):.2f} s", flush=True)
+    print(f"# warm-up read of both inputs: {warm([sw, tu]):.2f} s" + ("; --cold: page cache emptied before each merge" if args.cold else ""), flush=True)
 
     try:
         for rep in range(args.repeat):
-            warm([sw, tu])
+            if not args.cold:
+                warm([sw, tu])
             for j in jobs:
-                cached = cached_fraction([sw, tu]) if j.group != "startup" else None
-                r = run_job(j, work, int(args.pretouch_gb * 2**30))
+                cached = cached_fraction([sw, tu]) if j.group != "startup" and not args.cold else None
+                r = run_job(j, work, int(args.pretouch_gb * 2**30), args.cold)
                 j.runs.append(r)
                 status = "ok" if r.ok else "FAILED"
                 cache = f"  inputs cached {cached:.0%}" if cached is not None else ""

@@ -76,6 +76,7 @@ def merge(
     fsync: bool = typer.Option(True, help="fsync output files before renaming them into place"),
     digests: bool = typer.Option(True, help="sha256 of inputs, output tensors and small files in merge_manifest.json"),
     file_digests: bool = typer.Option(False, help="also the sha256 of each weight shard file (one more pass over the output bytes)"),
+    input_digests: bool = typer.Option(True, help="sha256 of the input files (cached; free for Hugging Face cache files; otherwise one more read of every input)"),
     coordinator: Optional[str] = typer.Option(None, help="multi-process: HOST:PORT of process 0's coordinator"),
     num_processes: Optional[int] = typer.Option(None, help="multi-process: number of processes"),
     process_id: Optional[int] = typer.Option(None, help="multi-process: this process's index"),
@@ -126,7 +127,7 @@ def merge(
             res = run_merge(
                 cfg, out, seed=seed, shard_size=size, out_dtype=_dtype_code(out_dtype), force=force,
                 chunk_elems=chunk_elems, progress=on_progress, on_plan=on_plan, procs=procs, fsync=fsync, digests=digests,
-                file_digests=file_digests,
+                file_digests=file_digests, hash_inputs=input_digests,
             )
         finally:
             if progress_ctx is not None:

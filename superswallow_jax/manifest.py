@@ -113,10 +113,26 @@ def cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "superswallow_jax"
 
 
+def hub_blob_sha256(f: Path) -> str | None:
+    """The sha256 a Hugging Face cache file is stored under, or None.
+
+    The Hub cache (``models--org--name/snapshots/<rev>/<file>``) links each
+    file to ``../../blobs/<id>``; for files kept with Git LFS (every weight
+    file) the id is the sha256 of the content, 64 hex digits. Reading it from
+    the name spares hashing the inputs: for a 70B merge, 280 GB read twice.
+    """
+    real = f.resolve()
+    name = real.name
+    if real.parent.name == "blobs" and len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        return name
+    return None
+
+
 class HashCache:
     """sha256 of files keyed by (path, device, inode, size, mtime_ns): inputs are hashed once.
 
-    A changed file gets a new key, so a stale digest is never used.
+    A changed file gets a new key, so a stale digest is never used. Files of a
+    Hugging Face cache are not read at all (:func:`hub_blob_sha256`).
     """
 
     def __init__(self, path: Path | None):
@@ -134,6 +150,9 @@ class HashCache:
         return f"{f.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
 
     def sha256(self, f: Path) -> str:
+        named = hub_blob_sha256(f)
+        if named is not None:
+            return named
         k = self.key(f)
         if k not in self.entries:
             self.entries[k] = file_sha256(f)
