@@ -71,7 +71,7 @@ def merge(
     shard_size: str = typer.Option("5B", help="max bytes per output shard (decimal K/M/B suffixes)"),
     out_dtype: Optional[str] = typer.Option(None, help="override the config's out_dtype"),
     force: bool = typer.Option(False, help="write into a non-empty output folder"),
-    chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 4M)"),
+    chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 1M on the CPU, 4M on accelerators)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     fsync: bool = typer.Option(True, help="fsync output files before renaming them into place"),
     digests: bool = typer.Option(True, help="sha256 of inputs, output tensors and small files in merge_manifest.json"),

@@ -24,7 +24,7 @@ from . import programs
 from .devices import Placement
 from .io.writer import ShardedWriter
 from .plan import Plan, Step
-from .stream import DEFAULT_CHUNK_ELEMS, InputFetcher, StepContext, bucket_for, chunk_size
+from .stream import InputFetcher, StepContext, bucket_for, chunk_size, default_chunk_elems
 
 # ------------------------------------------------------------------ driver
 
@@ -32,7 +32,7 @@ from .stream import DEFAULT_CHUNK_ELEMS, InputFetcher, StepContext, bucket_for, 
 @dataclass(frozen=True)
 class ExecOptions:
     seed: int = 0
-    chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    chunk_elems: int | None = None  # None: default_chunk_elems() for the backend
 
 
 def execute(plan: Plan, writer: ShardedWriter, opts: ExecOptions, progress: Callable[[int], None] | None = None,
@@ -98,7 +98,7 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
     step once its chunks are dispatched; when the iterator is exhausted every
     chunk has gone to ``sink``.
     """
-    chunk = chunk_size(opts.chunk_elems)
+    chunk = chunk_size(opts.chunk_elems or default_chunk_elems())
     fetch = InputFetcher(plan)
     placement = Placement.local()
     writer = _Sink(sink)

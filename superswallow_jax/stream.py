@@ -20,8 +20,18 @@ from .io.reader import DTYPES
 from .methods import sparsify as sp
 from .plan import Plan, Step
 
-DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M elements: 8 MB per bf16 input chunk
+DEFAULT_CHUNK_ELEMS = 1 << 22  # accelerators: 4M elements, 8 MB per bf16 input chunk
+#: On the CPU smaller chunks stay in the caches: 1.3 GB Superswallow merge,
+#: 3.1-3.3 s with 1M against 3.7-3.8 s with 4M, peak RSS 290 against 490 MB.
+CPU_CHUNK_ELEMS = 1 << 20
 MIN_BUCKET = 1 << 10
+
+
+def default_chunk_elems() -> int:
+    """The chunk size for JAX's default backend (see :data:`CPU_CHUNK_ELEMS`)."""
+    import jax
+
+    return CPU_CHUNK_ELEMS if jax.default_backend() == "cpu" else DEFAULT_CHUNK_ELEMS
 
 
 def chunk_size(chunk_elems: int) -> int:
