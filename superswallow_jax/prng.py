@@ -21,14 +21,29 @@ This module provides:
 
 * :func:`threefry2x32` -- an unrolled ``jnp`` threefry2x32, bit-identical to
   JAX's primitive. On CPU JAX lowers the primitive as a rolled ``fori_loop``
-  that XLA does not fuse; the unrolled form fuses with the surrounding
-  elementwise work and is several times faster.
+  that XLA does not fuse; the unrolled form fuses with the counter ``iota``
+  and the bits-to-mask conversion into one loop and is several times faster.
 * :func:`threefry2x32_numpy` -- the same function in NumPy, used to derive
   per-tensor keys on the host and as an independent test reference.
 * :func:`random_bits` / :func:`bernoulli_mask` -- chunk ``[off, off + n)`` of
   ``jax.random.bits`` / ``jax.random.bernoulli`` over a flat tensor.
 * :func:`root_key_data` / :func:`tensor_key_data` -- the key scheme:
   ``seed -> fold_in(name word 0) -> fold_in(name word 1) -> fold_in(source)``.
+
+**Fusion barrier.** :func:`random_bits` and :func:`bernoulli_mask` end in
+``lax.optimization_barrier``, so inside a bigger ``jit`` the threefry stays
+in a fusion of its own (iota -> threefry -> bits or mask) and the consumer
+reads a materialized ``uint32``/``bool`` buffer. Without it XLA:CPU fuses the
+20-round threefry DAG into the merge kernel's elementwise chain; when that
+loop also holds an op LLVM's loop vectorizer must scalarize (the f32 -> bf16
+``convert`` of a bf16 output, which XLA:CPU lowers to a call to
+``xla.fptrunc.f32.to.bf16``), the vectorizer's VPlan "uses only the first
+lane" queries walk every path through that DAG, and compile time grows
+exponentially with the number of ops (``reduce_precision`` roundings)
+stacked above the mask: about 10 s per dare_linear chunk kernel and over
+6 minutes for a two-donor dare_ties one with jax/jaxlib 0.11.2 (0.1 s with
+0.10.2, whose LLVM handles the same IR fine). The barrier is an identity:
+it changes no value, and costs one extra pass over an ``n``-byte mask.
 
 Everything here is a pure function of its arguments and independent of
 ``jax_enable_x64`` and ``PYTHONHASHSEED``. Any change to the streams this
@@ -215,19 +230,26 @@ def _check_stream_args(key_data, offset_hi, offset_lo):
     return key, hi, lo
 
 
-@functools.partial(jax.jit, static_argnames=("n",))
-def _random_bits(key, hi, lo, n):
+def _bits(key, hi, lo, n):
     counter_lo = lo + jax.lax.iota(jnp.uint32, n)
     counter_hi = hi + (counter_lo < lo).astype(jnp.uint32)  # carry on wrap
     y0, y1 = _threefry2x32_core(key[0], key[1], counter_hi, counter_lo)
     return y0 ^ y1
 
 
+# Both end in an optimization_barrier: the threefry must not fuse into the
+# caller's elementwise kernel (exponential XLA:CPU compile time with jax 0.11;
+# see "Fusion barrier" in the module docstring). Values are unchanged.
+@functools.partial(jax.jit, static_argnames=("n",))
+def _random_bits(key, hi, lo, n):
+    return jax.lax.optimization_barrier(_bits(key, hi, lo, n))
+
+
 @functools.partial(jax.jit, static_argnames=("n",))
 def _bernoulli_mask(key, hi, lo, n, p):
-    bits = _random_bits(key, hi, lo, n)
+    bits = _bits(key, hi, lo, n)
     one_to_two = jax.lax.bitcast_convert_type((bits >> _U32(9)) | _U32(0x3F800000), jnp.float32)
-    return (one_to_two - jnp.float32(1.0)) < p
+    return jax.lax.optimization_barrier((one_to_two - jnp.float32(1.0)) < p)
 
 
 def random_bits(key_data, offset_hi, offset_lo, n: int) -> jax.Array:
@@ -238,7 +260,9 @@ def random_bits(key_data, offset_hi, offset_lo, n: int) -> jax.Array:
     for any ``N >= off + n``, where ``off = offset_hi * 2**32 + offset_lo``;
     the counter carries into ``hi`` when ``lo`` wraps past ``2**32``. (Without
     an explicit dtype, ``jax.random.bits`` draws uint64 under ``jax_enable_x64``.)
-    Traceable; inside ``jit`` one compilation serves every key and offset.
+    Traceable; inside ``jit`` one compilation serves every key and offset,
+    and the result is a materialized buffer (not fused into its consumers;
+    see "Fusion barrier" above).
 
     Args:
       key_data: uint32[2] raw threefry key data (may be traced).

@@ -334,6 +334,52 @@ def test_stable_across_processes_hash_seeds_and_x64():
     assert here["keys"] == want_keys
 
 
+# --- compile time inside merge kernels ----------------------------------------
+
+
+def _dare_like_kernel(n):
+    """A DARE chunk kernel's shape: bf16 in, mask, a chain of bf16 roundings, bf16 out."""
+    rp = functools.partial(jax.lax.reduce_precision, exponent_bits=8, mantissa_bits=7)
+
+    @jax.jit
+    def run(x0, x1, key_data, hi, lo, p, w, factor):
+        b = x0.astype(jnp.float32)
+        delta = rp(x1.astype(jnp.float32) - b)
+        keep = prng.bernoulli_mask(key_data, hi, lo, n, p).astype(jnp.float32)
+        bits = prng.random_bits(key_data, hi, lo, n)  # della's path: bits -> uniform < p
+        keep2 = (jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32) - 1.0) < p
+        kept = rp(rp(rp(delta * keep) * factor) * keep2.astype(jnp.float32))
+        return rp(b + rp(w * kept)).astype(jnp.bfloat16)
+
+    return run
+
+
+def test_stream_stays_out_of_consumer_fusions():
+    """The threefry must not fuse into the caller's kernel (see "Fusion barrier" in prng)."""
+    n = 256
+    args = (jnp.zeros(n, jnp.bfloat16), jnp.ones(n, jnp.bfloat16), np.array([1, 2], np.uint32),
+            np.uint32(0), np.uint32(0), np.float32(0.5), np.float32(0.5), np.float32(2.0))
+    text = _dare_like_kernel(n).lower(*args).as_text()
+    assert text.count("optimization_barrier") >= 2
+
+
+def test_dare_like_kernel_compiles_quickly():
+    """Regression: with jaxlib 0.11.2 this kernel took ~10 s (LLVM, exponential) to compile on CPU
+    when the mask fused into it; with the barrier it takes ~0.1 s. The bound is generous."""
+    import time
+
+    n = 4096
+    args = (jnp.zeros(n, jnp.bfloat16), jnp.ones(n, jnp.bfloat16), np.array([1, 2], np.uint32),
+            np.uint32(0), np.uint32(0), np.float32(0.5), np.float32(0.5), np.float32(2.0))
+    lowered = _dare_like_kernel(n).lower(*args)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    assert time.perf_counter() - start < 5.0
+    out = np.asarray(compiled(*args).astype(jnp.float32))
+    keep = np.asarray(prng.bernoulli_mask(args[2], 0, 0, n, 0.5))  # keep2 draws the same uniforms
+    np.testing.assert_array_equal(out, np.where(keep, 1.0, 0.0).astype(np.float32))
+
+
 # --- statistics and hygiene --------------------------------------------------
 
 
