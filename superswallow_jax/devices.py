@@ -107,6 +107,13 @@ def assign_shards_to_processes(shard_bytes: Sequence[int], count: int) -> list[i
     return owner
 
 
+def distributed_active() -> bool:
+    """Whether this process has started JAX's multi-process runtime."""
+    from jax._src import distributed  # no public API for this yet
+
+    return distributed.global_state.client is not None
+
+
 def _client():
     from jax._src import distributed  # the runtime's key-value store has no public API yet
 

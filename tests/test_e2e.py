@@ -334,3 +334,17 @@ def test_unwritable_output_is_one_line_error(models, tmp_path):
     cfg = write_cfg(models, tmp_path)
     r = runner.invoke(app, ["merge", str(cfg), "/proc/superswallow-test/out", "-q"])
     assert "/proc/superswallow-test" in one_line_error(r)
+
+
+def test_console_entry_exit_codes_and_flushed_output(models, tmp_path):
+    """``main()`` ends with os._exit: the exit code and every printed line must survive it."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    bad = subprocess.run([sys.executable, "-m", "cli.main", "merge", str(tmp_path / "missing.yaml"), str(tmp_path / "o")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "missing.yaml" in bad.stderr
+    cfg = write_cfg(models, tmp_path)
+    ok = subprocess.run([sys.executable, "-m", "cli.main", "merge", str(cfg), str(tmp_path / "o"), "-q"],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip().startswith("wrote 39 tensors") and (tmp_path / "o" / "model.safetensors.index.json").exists()
