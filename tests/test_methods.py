@@ -131,6 +131,25 @@ def test_magnitude_threshold_exact():
         assert keep[tie_idx[: k - above]].all() and not keep[tie_idx[k - above :]].any()
 
 
+def test_range_keep_equals_the_prefix_count_definition():
+    """The scan is skipped where it cannot matter; the result must not change (many ties, all quota cases)."""
+    n = 2048
+    keep_fn = jax.jit(sparsify.range_keep)
+
+    def ref(a, top, skip, bottom, quota):
+        idx = lambda t: np.cumsum(t) - t  # noqa: E731  ties before each position
+        tt, tb = a == top, a == bottom
+        return ((a < top) | (tt & (idx(tt) >= skip))) & ((a > bottom) | (tb & (idx(tb) < quota)))
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        a = rng.integers(0, 5, n).astype(np.float32)  # few distinct magnitudes: hundreds of ties each
+        top, bottom = (np.float32(rng.integers(0, 5)) for _ in range(2))
+        skip, quota = (np.int32(rng.choice([rng.integers(-5, 5), rng.integers(0, n + 5), n + 100])) for _ in range(2))
+        got = np.asarray(keep_fn(jnp.asarray(a), top, skip, bottom, quota))
+        np.testing.assert_array_equal(got, ref(a, top, skip, bottom, quota))
+
+
 def test_magnitude_k():
     assert sparsify.magnitude_k(0.5, 11) == 5
     assert sparsify.magnitude_k(0.01, 10) == 1
