@@ -95,6 +95,33 @@ def bernoulli_keep(key_data: jnp.ndarray, off_hi: jnp.ndarray, off_lo: jnp.ndarr
     return u < p
 
 
+def _descending_positions(delta_rows: jnp.ndarray, work: str) -> jnp.ndarray:
+    """int32[R, C]: each entry's position in its row's order by ``|x|`` descending, lowest column first among equals.
+
+    For 16-bit work dtypes (|x| fits in 15 bits) and rows of at most 65536
+    columns, magnitude and column pack into one uint32 key, and two
+    single-operand sorts replace two (key, payload) sorts: XLA:CPU sorts 1M
+    uint32 in 23 ms against 123 ms with a payload. Same order, same result
+    (NaN payload bits aside: NaNs from bf16 inputs have none).
+    """
+    rows, cols = delta_rows.shape
+    col = lax.broadcasted_iota(jnp.uint32, (rows, cols), 1)
+    if work in ("BF16", "F16") and cols <= 1 << 16:
+        if work == "BF16":  # a bf16 value's float32 bits end in 16 zero bits
+            mag = (lax.bitcast_convert_type(delta_rows, jnp.uint32) >> 16) & jnp.uint32(0x7FFF)
+        else:
+            mag = lax.bitcast_convert_type(delta_rows.astype(jnp.float16), jnp.uint16).astype(jnp.uint32) & jnp.uint32(0x7FFF)
+        order = lax.sort(((jnp.uint32(0x7FFF) - mag) << 16) | col, dimension=1)  # ascending key: descending |x|, then column
+        perm = order & jnp.uint32(0xFFFF)  # the column at each position
+        inverse = lax.sort((perm << 16) | col, dimension=1)  # by column; low bits: its position
+        return (inverse & jnp.uint32(0xFFFF)).astype(jnp.int32)
+    mag = lax.bitcast_convert_type(jnp.abs(delta_rows), jnp.uint32)
+    icol = col.astype(jnp.int32)
+    _, perm = lax.sort((jnp.uint32(0xFFFFFFFF) - mag, icol), dimension=1, is_stable=True, num_keys=1)
+    _, pos = lax.sort((perm, icol), dimension=1, is_stable=True, num_keys=1)
+    return pos
+
+
 def della_probs(delta_rows: jnp.ndarray, c0: jnp.ndarray, eps: jnp.ndarray, *, work: str) -> jnp.ndarray:
     """DELLA keep probabilities for whole rows, as mergekit 0.1.5 computes them in ``work``.
 
@@ -107,11 +134,7 @@ def della_probs(delta_rows: jnp.ndarray, c0: jnp.ndarray, eps: jnp.ndarray, *, w
     """
     rnd = rounder(work)
     rows, cols = delta_rows.shape
-    mag = lax.bitcast_convert_type(jnp.abs(delta_rows), jnp.uint32)
-    col = lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
-    # descending magnitude, lowest column first among equals
-    _, perm = lax.sort((jnp.uint32(0xFFFFFFFF) - mag, col), dimension=1, is_stable=True, num_keys=1)
-    _, pos = lax.sort((perm, col), dimension=1, is_stable=True, num_keys=1)  # descending position of each column
+    pos = _descending_positions(delta_rows, work)
     rk = rnd((cols - pos).astype(jnp.float32))
     one = jnp.float32(1.0)
     span = rnd(rnd(jnp.float32(cols)) - one)
