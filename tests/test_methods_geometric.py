@@ -279,7 +279,7 @@ def test_vector_sums_do_not_depend_on_chunking(kind):
 
 def test_lane_sum_of_squares_is_torchs_order_for_any_chunking():
     rng = np.random.default_rng(14)
-    for n in (5, 1024, 4100, 9 * 1024 + 3):
+    for n in (5, 1024, 4100, 9 * 1024 + 3, 100_003):  # the last: 12,500 rows in one NumPy reduction
         x = (rng.standard_normal(n) * np.exp(rng.uniform(-5, 5, n))).astype(np.float32)
         want = ref.torch_norm32(x)
         for chunk in (1024, 2048, 1 << 20):
