@@ -32,24 +32,9 @@ def _fail(err: Exception) -> None:
 
 
 def _compile_cache() -> None:
-    """Use a persistent XLA compilation cache (``$SUPERSWALLOW_CACHE`` or ~/.cache/superswallow_jax).
+    from superswallow_jax.compile_cache import enable_persistent_cache
 
-    Set SUPERSWALLOW_CACHE=off to disable it.
-    """
-    import jax
-
-    from superswallow_jax.manifest import cache_dir
-
-    d = cache_dir()
-    if d is None:
-        return
-    where = str(d / "xla")
-    try:
-        jax.config.update("jax_compilation_cache_dir", where)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    except Exception:  # an unwritable cache only costs compile time
-        pass
+    enable_persistent_cache()
 
 
 def _dtype_code(name: Optional[str]) -> Optional[str]:
