@@ -406,3 +406,16 @@ def test_chunked_equals_whole_end_to_end(tiny_models, tmp_path, name):
         ck = Checkpoint(tmp_path / sub)
         outs.append({n: np.ascontiguousarray(ck.view(n)).tobytes() for n in sorted(ck.tensors)})
     assert outs[0] == outs[1]
+
+
+def test_layout_take_equals_index_gather():
+    """Layout.take (repeat / tile) must give exactly values[ids(a, b)] for every layout and range."""
+    rng = np.random.default_rng(21)
+    for _ in range(300):
+        shape = (int(rng.integers(1, 200)), int(rng.integers(1, 200)))
+        n = shape[0] * shape[1]
+        for lay in (vecsum.Layout.rows(shape), vecsum.Layout.cols(shape), vecsum.Layout.flat(shape)):
+            vals = rng.standard_normal(lay.count).astype(np.float32)
+            a = int(rng.integers(0, n))
+            b = int(rng.integers(a, n + 1))
+            np.testing.assert_array_equal(lay.take(vals, a, b), vals[lay.ids(a, b)])

@@ -76,16 +76,10 @@ def _per(lay: Layout, values: np.ndarray, a: int, b: int, n: int):
 
 
 def _pers(lay: Layout, values: Sequence[np.ndarray], a: int, b: int, n: int) -> list:
-    """:func:`_per` for several per-vector arrays (element-to-vector indices computed once)."""
+    """:func:`_per` for several per-vector arrays."""
     if lay.kind == "flat":
         return [_per(lay, v, a, b, n) for v in values]
-    ids = lay.ids(a, b)
-    out = []
-    for v in values:
-        e = np.ones(n, F32)
-        e[: b - a] = np.asarray(v, F32)[ids]
-        out.append(e)
-    return out
+    return [lay.expand(v, a, b, n) for v in values]
 
 
 def _fn(f: Callable, x: np.ndarray, code: str) -> np.ndarray:
