@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import jax
 import numpy as np
 
 from .devices import Placement
@@ -29,8 +30,6 @@ MIN_BUCKET = 1 << 10
 
 def default_chunk_elems() -> int:
     """The chunk size for JAX's default backend (see :data:`CPU_CHUNK_ELEMS`)."""
-    import jax
-
     return CPU_CHUNK_ELEMS if jax.default_backend() == "cpu" else DEFAULT_CHUNK_ELEMS
 
 
@@ -100,33 +99,34 @@ class InputFetcher:
             buf[k:] = 0
         return buf.view(dt)
 
-    def prefetch(self, step: Step, a: int, b: int) -> None:
-        """Start reading every source's elements [a, b) in the background (a kernel hint)."""
-        for src in step.sources:
-            isz = src.tensor.np_dtype.itemsize
-            lo, hi = a, b
-            if step.embed:  # rows keep their ids for the most part; whole rows of the range
-                hidden = step.shape[1]
-                lo, hi = a // hidden * hidden, -(-b // hidden) * hidden
-            self.plan.models[src.model].checkpoint.file(src.tensor).prefetch(src.tensor, lo * isz, hi * isz)
+    def _spans(self, step: Step, a: int, b: int):
+        """Per source: its file and the byte range [lo, hi) holding elements [a, b).
 
-    def release(self, step: Step, a: int, b: int) -> None:
-        """Unmap the pages of the consumed input range [a, b) (MADV_DONTNEED).
-
-        For vocabulary-aligned embeddings the same row range of each source is
-        released (rows mostly keep their ids; a row read again later just
-        faults back in from the page cache).
+        For vocabulary-aligned embeddings: the whole rows of the range, clipped
+        to the source's own rows (rows mostly keep their ids).
         """
         for src in step.sources:
             isz = src.tensor.np_dtype.itemsize
             lo, hi = a, b
             if step.embed:
-                hidden = step.shape[1]
-                rows = src.tensor.shape[0]
-                lo = min(rows, a // hidden) * hidden
-                hi = min(rows, -(-b // hidden)) * hidden
+                hidden, rows = step.shape[1], src.tensor.shape[0]
+                lo, hi = min(rows, a // hidden) * hidden, min(rows, -(-b // hidden)) * hidden
+            yield self.plan.models[src.model].checkpoint.file(src.tensor), src.tensor, lo * isz, hi * isz
+
+    def prefetch(self, step: Step, a: int, b: int) -> None:
+        """Start reading every source's elements [a, b) in the background (a kernel hint)."""
+        for f, info, lo, hi in self._spans(step, a, b):
+            f.prefetch(info, lo, hi)
+
+    def release(self, step: Step, a: int, b: int) -> None:
+        """Unmap the pages of the consumed input range [a, b) (MADV_DONTNEED).
+
+        For vocabulary-aligned embeddings the same row range of each source is
+        released (a row read again later just faults back in from the page cache).
+        """
+        for f, info, lo, hi in self._spans(step, a, b):
             if hi > lo:
-                self.plan.models[src.model].checkpoint.file(src.tensor).release(src.tensor, lo * isz, hi * isz)
+                f.release(info, lo, hi)
 
 
 @dataclass(frozen=True)

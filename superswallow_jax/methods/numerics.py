@@ -38,16 +38,22 @@ def rounder(code: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
     raise ValueError(f"unsupported working dtype {code}")
 
 
-def fp_barrier(x: jnp.ndarray) -> jnp.ndarray:
+def fp_barrier(x: jnp.ndarray, key: jnp.ndarray | None = None) -> jnp.ndarray:
     """Identity on float32 values that the compiler cannot see through.
 
     XLA:CPU contracts ``a * b + c`` into an FMA (one rounding instead of two),
     whatever the fast-math flags say; torch rounds the product first. Passing
     the product through an integer XOR with a data-dependent zero (``isnan``,
     which only touches NaN payload bits) keeps it a separately rounded value.
+
+    ``key`` (default ``x``) is what the zero depends on. LLVM can prove some
+    products never NaN (an int-to-float value times a constant) and then drops
+    the XOR; keying on a kernel input, which it cannot predict, prevents that.
+    The result differs from ``x`` only where ``key`` is NaN.
     """
     u = lax.bitcast_convert_type(x, jnp.uint32)
-    return lax.bitcast_convert_type(u ^ jnp.isnan(x).astype(jnp.uint32), jnp.float32)
+    k = x if key is None else key
+    return lax.bitcast_convert_type(u ^ jnp.isnan(k).astype(jnp.uint32), jnp.float32)
 
 
 def divide(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
