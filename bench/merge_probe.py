@@ -4,7 +4,8 @@ Used by ``bench/bench_merge.py`` for the variants the CLI cannot express
 (``fsync=False``, ``hash_inputs=False``) and for time-to-first-chunk.
 
     python bench/merge_probe.py CONFIG OUT [--no-fsync] [--no-hash-inputs]
-                                [--no-output-hash] [--chunk-elems N] [--t0 EPOCH]
+                                [--no-output-hash] [--chunk-elems N]
+                                [--pass-cache-mb MB] [--t0 EPOCH]
 
 Prints one JSON line. All times are seconds since ``--t0`` (the launcher's
 ``time.time()`` just before it started this process; default: this script's
@@ -16,8 +17,9 @@ first line), so they include interpreter start-up:
 * ``loop_done``: the last chunk was dispatched (streaming phase over);
 * ``done``: ``run_merge`` returned (digests, manifest, fsync, renames).
 
-It uses the persistent compilation cache as the CLI does
-(``SUPERSWALLOW_CACHE=off`` to measure cold compiles). It also prints the JAX backend and, where the backend reports it (GPU, TPU),
+It uses the persistent compilation cache and the malloc thresholds as the CLI
+does (``SUPERSWALLOW_CACHE=off`` to measure cold compiles,
+``SUPERSWALLOW_MALLOC=off`` for glibc's default thresholds). It also prints the JAX backend and, where the backend reports it (GPU, TPU),
 the first device's peak memory in use (``device_peak_bytes``).
 """
 
@@ -43,16 +45,19 @@ def main() -> None:
     ap.add_argument("--no-output-hash", action="store_true",
                     help="what-if for measurement only: fake the output digests (no sha256; the manifest is wrong)")
     ap.add_argument("--chunk-elems", type=int, default=None)
+    ap.add_argument("--pass-cache-mb", type=int, default=None)
     ap.add_argument("--t0", type=float, default=None)
     args = ap.parse_args()
     t0 = args.t0 if args.t0 is not None else _T_START
     marks: dict[str, float] = {"python_up": _T_START - t0}
 
     from superswallow_jax.compile_cache import enable_persistent_cache
+    from superswallow_jax.malloc_tuning import tune_malloc
     from superswallow_jax.config import load_config
     from superswallow_jax.merge import run_merge
 
-    enable_persistent_cache()  # as the CLI does
+    tune_malloc()  # as the CLI does (SUPERSWALLOW_MALLOC=off: glibc's defaults)
+    enable_persistent_cache()
 
     marks["imported"] = time.time() - t0
     if args.no_output_hash:
@@ -74,6 +79,7 @@ def main() -> None:
 
     res = run_merge(
         load_config(args.config), args.out, force=True, chunk_elems=args.chunk_elems,
+        pass_cache_bytes=None if args.pass_cache_mb is None else args.pass_cache_mb << 20,
         progress=progress, on_plan=on_plan, fsync=not args.no_fsync, hash_inputs=not args.no_hash_inputs,
     )
     marks["first_chunk"] = state["first"]

@@ -31,9 +31,12 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code)
 
 
-def _compile_cache() -> None:
+def _streaming_setup() -> None:
+    """Process-wide settings for commands that stream a merge: the XLA compile cache and malloc thresholds."""
     from superswallow_jax.compile_cache import enable_persistent_cache
+    from superswallow_jax.malloc_tuning import tune_malloc
 
+    tune_malloc()
     enable_persistent_cache()
 
 
@@ -49,6 +52,14 @@ def _dtype_code(name: Optional[str]) -> Optional[str]:
     return DTYPE_NAMES[key]
 
 
+def _cache_bytes(mb: int) -> int:
+    from superswallow_jax.errors import ConfigError
+
+    if mb < 0:
+        raise ConfigError(f"--pass-cache-mb must be >= 0, got {mb}")
+    return mb << 20
+
+
 @app.command()
 def merge(
     config: Path = typer.Argument(..., help="mergekit YAML config"),
@@ -58,6 +69,7 @@ def merge(
     out_dtype: Optional[str] = typer.Option(None, help="override the config's out_dtype"),
     force: bool = typer.Option(False, help="write into a non-empty output folder"),
     chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 1M on the CPU, 4M on accelerators)"),
+    pass_cache_mb: Optional[int] = typer.Option(None, help="MB a multi-pass method (DARE, TIES, ...) may keep between passes instead of reading again (default 64 on the CPU; on accelerators an eighth of device memory, at most 4096; 0: none)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     fsync: bool = typer.Option(True, help="fsync output files before renaming them into place"),
     digests: bool = typer.Option(True, help="sha256 of inputs, output tensors and small files in merge_manifest.json"),
@@ -82,7 +94,7 @@ def merge(
     try:
         if coordinator is not None and (num_processes is None or process_id is None):
             raise ConfigError("--coordinator needs --num-processes and --process-id")
-        _compile_cache()
+        _streaming_setup()
         procs = init_distributed(coordinator, num_processes, process_id, distributed)
         quiet = quiet or not procs.is_main
         cfg = load_config(config)
@@ -112,7 +124,8 @@ def merge(
         try:
             res = run_merge(
                 cfg, out, seed=seed, shard_size=size, out_dtype=_dtype_code(out_dtype), force=force,
-                chunk_elems=chunk_elems, progress=on_progress, on_plan=on_plan, procs=procs, fsync=fsync, digests=digests,
+                chunk_elems=chunk_elems, pass_cache_bytes=None if pass_cache_mb is None else _cache_bytes(pass_cache_mb),
+                progress=on_progress, on_plan=on_plan, procs=procs, fsync=fsync, digests=digests,
                 file_digests=file_digests, hash_inputs=input_digests,
             )
         finally:
@@ -238,7 +251,7 @@ def verify(
     from superswallow_jax.errors import SuperswallowError, VerifyError
     from superswallow_jax.merge import verify_stream
 
-    _compile_cache()
+    _streaming_setup()
     try:
         select = mf.make_selector(tensors)
         actual = mf.folder_digests(out, select)

@@ -23,6 +23,7 @@ import numpy as np
 from . import programs
 from .devices import Placement
 from .io.writer import ShardedWriter
+from .passcache import PassCache, default_pass_cache_bytes
 from .plan import Plan, Step
 from .stream import InputFetcher, StepContext, bucket_for, chunk_size, default_chunk_elems
 
@@ -33,6 +34,7 @@ from .stream import InputFetcher, StepContext, bucket_for, chunk_size, default_c
 class ExecOptions:
     seed: int = 0
     chunk_elems: int | None = None  # None: default_chunk_elems() for the backend
+    pass_cache_bytes: int | None = None  # None: default_pass_cache_bytes() for the backend
 
 
 def execute(plan: Plan, writer: ShardedWriter, opts: ExecOptions, progress: Callable[[int], None] | None = None,
@@ -99,6 +101,7 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
     chunk has gone to ``sink``.
     """
     chunk = chunk_size(opts.chunk_elems or default_chunk_elems())
+    budget = default_pass_cache_bytes() if opts.pass_cache_bytes is None else opts.pass_cache_bytes
     fetch = InputFetcher(plan)
     placement = Placement.local()
     writer = _Sink(sink)
@@ -107,11 +110,12 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
         for k, step in enumerate(steps):
             if k + 1 < len(steps):  # read-ahead hint for the next tensor's first chunk
                 fetch.prefetch(steps[k + 1], 0, min(steps[k + 1].numel, chunk))
-            ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch, placement)
+            ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch, placement,
+                              PassCache(budget))
             program = programs.prepare(ctx)
             in_bytes = sum(s.tensor.np_dtype.itemsize for s in step.sources)
             for a, b in ctx.chunks():
-                writer.put((ctx, a, b, program(ctx.inputs(a, b), a, b)))
+                writer.put((ctx, a, b, program(ctx.final_inputs(a, b), a, b)))
                 if progress is not None:
                     progress(in_bytes * (b - a))
             yield step

@@ -122,6 +122,7 @@ def run_merge(
     out_dtype: str | None = None,
     force: bool = False,
     chunk_elems: int | None = None,
+    pass_cache_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     order: Sequence[int] | None = None,
@@ -141,6 +142,9 @@ def run_merge(
     about a fifth of a 1.3 GB merge on two cores, so it is off by default; the
     tensor digests already cover every data byte). ``digests=False`` skips all
     hashing (the manifest then records no digests) for the fastest merge.
+    ``pass_cache_bytes`` bounds what a multi-pass step keeps between its
+    passes (default by backend, see :mod:`superswallow_jax.passcache`; 0 keeps
+    nothing); it changes memory and speed, never the output bytes.
 
     With several processes (``procs``, see :mod:`superswallow_jax.devices`)
     the output shards are divided among them by bytes; each process merges
@@ -175,7 +179,7 @@ def run_merge(
         writer = ShardedWriter(out, staging, [layouts[i] for i in mine], specs, hash_files=digests and file_digests, writeback=fsync)
         hasher = mf.StreamHasher({s.name: (s.dtype, s.shape) for s in specs if s.name in my_names}) if digests else None
         inputs = mf.InputHasher(input_files(plan)).start() if (digests and hash_inputs and procs.is_main) else None
-        opts = ExecOptions(seed=seed, **({"chunk_elems": chunk_elems} if chunk_elems else {}))
+        opts = ExecOptions(seed=seed, chunk_elems=chunk_elems or None, pass_cache_bytes=pass_cache_bytes)
         steps = list(order) if order is not None else list(range(len(plan.steps)))
         steps = [i for i in steps if plan.steps[i].name in my_names]
 

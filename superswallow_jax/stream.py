@@ -9,7 +9,7 @@ share a few power-of-two buckets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import jax
@@ -19,6 +19,7 @@ from .devices import Placement
 from .hostbuf import HostBuffers
 from .io.reader import DTYPES
 from .methods import sparsify as sp
+from .passcache import PassCache
 from .plan import Plan, Step
 
 DEFAULT_CHUNK_ELEMS = 1 << 22  # accelerators: 4M elements, 8 MB per bf16 input chunk
@@ -131,7 +132,11 @@ class InputFetcher:
 
 @dataclass(frozen=True)
 class StepContext:
-    """Everything a chunk program needs to know about one step."""
+    """Everything a chunk program needs to know about one step.
+
+    ``cache`` keeps values between the step's passes (see
+    :mod:`superswallow_jax.passcache`); the default keeps nothing.
+    """
 
     plan: Plan
     step: Step
@@ -140,6 +145,7 @@ class StepContext:
     bucket: int
     fetch: InputFetcher
     placement: Placement
+    cache: PassCache = field(default_factory=PassCache)
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         """Flat element ranges [a, b) covering the tensor, in order."""
@@ -147,17 +153,25 @@ class StepContext:
         for a in range(0, n, self.chunk):
             yield a, min(n, a + self.chunk)
 
-    def inputs(self, a: int, b: int) -> list:
-        """Every source's elements [a, b), zero-padded to the bucket, placed on the device(s).
-
-        Also asks the kernel to read ahead the next chunk of the tensor.
-        """
+    def _read(self, a: int, b: int) -> list:
         if b < self.step.numel:
             self.fetch.prefetch(self.step, b, min(self.step.numel, b + self.chunk))
         return [
             self.placement.put(self.fetch.padded(self.step, i, a, b, self.bucket))
             for i in range(len(self.step.sources))
         ]
+
+    def inputs(self, a: int, b: int) -> list:
+        """Every source's elements [a, b), zero-padded to the bucket, placed on the device(s).
+
+        For the statistics passes: kept for the later passes when the cache
+        has room. Also asks the kernel to read ahead the next chunk of the tensor.
+        """
+        return self.cache.get(("inputs", a), lambda: self._read(a, b))
+
+    def final_inputs(self, a: int, b: int) -> list:
+        """:meth:`inputs` for the step's last pass (the merge): a kept chunk leaves the cache."""
+        return self.cache.take(("inputs", a), lambda: self._read(a, b))
 
     def release(self, a: int, b: int) -> None:
         self.fetch.release(self.step, a, b)

@@ -165,14 +165,21 @@ def _mask_kernel(n: int, sharding) -> Callable:
     return jax.jit(lambda key, hi, lo, p: sp.random_keep(key, hi, lo, n, p), out_shardings=sharding)
 
 
-def _random_masks(ctx: StepContext, sig: KernelSig, sa: _Sparse, hi, lo) -> tuple:
-    """Per donor: the chunk's keep mask for random (DARE) pruning, else None."""
+def _random_masks(ctx: StepContext, sig: KernelSig, sa: _Sparse, a: int, final: bool) -> tuple:
+    """Per donor: the keep mask of the chunk at ``a`` for random (DARE) pruning, else None.
+
+    A statistics pass keeps the masks in the step's cache (when it has room)
+    for the merge pass (``final``), which takes them instead of drawing again.
+    """
     if "random" not in sig.sparsify:
         return tuple(None for _ in sig.sparsify)
     kern = _mask_kernel(sig.n, ctx.placement.sharding_for(sig.n))
-    return tuple(kern(sa.keys[i], hi, lo, sa.ps[i]) if kind == "random" else None for i, kind in enumerate(sig.sparsify))
-
-
+    hi, lo = prng.split_offset(a)
+    use = ctx.cache.take if final else ctx.cache.get
+    return tuple(
+        use(("mask", i, a), lambda i=i: kern(sa.keys[i], hi, lo, sa.ps[i])) if kind == "random" else None
+        for i, kind in enumerate(sig.sparsify)
+    )
 
 
 def _donors(step: Step) -> list[int]:
@@ -270,7 +277,7 @@ def _stats_kernel(ctx: StepContext, args: _GtaArgs, kinds: tuple[str | None, ...
         xs = ctx.inputs(a, b)
         rows, row_off = _row_blocks(ctx, stats_sig, a, b)
         hi, lo = prng.split_offset(a)
-        return kern(xs, args.sa, rows, hi, lo, row_off, _random_masks(ctx, stats_sig, args.sa, hi, lo))
+        return kern(xs, args.sa, rows, hi, lo, row_off, _random_masks(ctx, stats_sig, args.sa, a, final=False))
 
     return run
 
@@ -363,6 +370,6 @@ def prepare_gta(ctx: StepContext):
         hi, lo = prng.split_offset(a)
         rows, row_off = _row_blocks(ctx, args.sig, a, b)
         return kern(xs, args.weights, sa._replace(quotas=quotas, bquotas=bquotas), rows, args.lam, hi, lo, row_off,
-                    _random_masks(ctx, args.sig, sa, hi, lo))
+                    _random_masks(ctx, args.sig, sa, a, final=True))
 
     return run
