@@ -204,3 +204,33 @@ def test_block_sums_fixed_tree_and_chunk_invariant():
                             np.asarray(jax.jit(sparsify.block_sums)(x[3 * sparsify.BLOCK:]))])
     assert parts.tolist() == got.tolist()
     assert abs(float(got.astype(np.float64).sum()) - float(x.astype(np.float64).sum())) < 1e-3
+
+
+# ---------------------------------------------------------------- output conversion
+
+
+def _bf16_patterns():
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 2**32, 1 << 18, dtype=np.uint64).astype(np.uint32)
+    bits[:4000] &= 0x807FFFFF  # subnormals and zeros
+    bits[4000:8000] |= 0x7F800000  # infinities and NaNs (both signs, all payloads)
+    bits[8000:12000] = (bits[8000:12000] & 0xFFFF0000) | 0x8000  # exact ties: round to even
+    bits[12000:16000] = 0x7F7F0000 | (bits[12000:16000] & 0x8000FFFF)  # around the largest finite: overflow to inf
+    bits[16000:16008] = [0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001]
+    return bits
+
+
+def test_to_bf16_equals_xla_convert_and_ml_dtypes_on_every_class():
+    from superswallow_jax.methods.numerics import cast_out, to_bf16
+
+    bits = _bf16_patterns()
+    x = jnp.asarray(bits.view(np.float32))
+    ours = np.asarray(jax.jit(to_bf16)(x)).view(np.uint16)
+    xla = np.asarray(jax.jit(lambda v: v.astype(jnp.bfloat16))(x)).view(np.uint16)
+    with np.errstate(invalid="ignore"):
+        mld = bits.view(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    assert np.array_equal(ours, xla)
+    assert np.array_equal(ours, mld)
+    assert [hex(v) for v in ours[16000:16008]] == ["0x0", "0x8000", "0x7f80", "0xff80", "0x7fc0", "0xffc0", "0x7fc0", "0xffc0"]
+    assert np.asarray(jax.jit(lambda v: cast_out(v, jnp.bfloat16))(x)).view(np.uint16).tobytes() == ours.tobytes()
+    assert np.asarray(cast_out(x, np.float16)).dtype == np.float16  # other dtypes: astype

@@ -75,6 +75,29 @@ def sum_f32(terms: Sequence[jnp.ndarray]) -> jnp.ndarray:
     return jnp.where(acc == 0, jnp.float32(0.0), acc)
 
 
+def to_bf16(x: jnp.ndarray) -> jnp.ndarray:
+    """float32 -> bfloat16, round to nearest even, with integer ops only.
+
+    The same bits as XLA:CPU's ``convert`` for every float32 input (tested on
+    all classes: normal, subnormal, ties, overflow to inf, NaN -> sign | 0x7FC0,
+    which is also ml_dtypes'), but XLA:CPU lowers that convert to a call
+    (``xla.fptrunc.f32.to.bf16``) that LLVM cannot vectorize: 0.63 against
+    0.33 ms of CPU per 1M-element output chunk. Being plain integer
+    arithmetic, it also gives the same bits on every backend.
+    """
+    u = lax.bitcast_convert_type(x, jnp.uint32)
+    rounded = (u + jnp.uint32(0x7FFF) + ((u >> 16) & jnp.uint32(1))) >> 16
+    nan = ((u >> 16) & jnp.uint32(0x8000)) | jnp.uint32(0x7FC0)
+    return lax.bitcast_convert_type(jnp.where(jnp.isnan(x), nan, rounded).astype(jnp.uint16), jnp.bfloat16)
+
+
+def cast_out(x: jnp.ndarray, dtype) -> jnp.ndarray:
+    """``x`` as ``dtype`` (bfloat16 through :func:`to_bf16`, which equals ``astype`` there)."""
+    if x.dtype == jnp.float32 and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+        return to_bf16(x)
+    return x.astype(dtype)
+
+
 def as_f32(x: jnp.ndarray) -> jnp.ndarray:
     return x.astype(jnp.float32)
 

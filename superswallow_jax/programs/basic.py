@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import PlanError
 from ..io.reader import DTYPES
 from ..methods.linear import linear
+from ..methods.numerics import cast_out
 from ..methods.passthrough import passthrough
 from ..stream import StepContext
 from . import register
@@ -17,12 +18,12 @@ from . import register
 
 @functools.lru_cache(maxsize=None)
 def _linear_kernel(work: str, out: str, normalize: bool):
-    return jax.jit(lambda xs, w: linear(xs, w, normalize=normalize, work=work).astype(DTYPES[out]))
+    return jax.jit(lambda xs, w: cast_out(linear(xs, w, normalize=normalize, work=work), DTYPES[out]))
 
 
 @functools.lru_cache(maxsize=None)
 def _passthrough_kernel(work: str, out: str, scaled: bool):
-    return jax.jit(lambda x, s: passthrough(x, s if scaled else None, work=work).astype(DTYPES[out]))
+    return jax.jit(lambda x, s: cast_out(passthrough(x, s if scaled else None, work=work), DTYPES[out]))
 
 
 @register("linear")

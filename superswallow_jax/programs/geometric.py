@@ -29,7 +29,7 @@ from ..methods import karcher as kc
 from ..methods import model_stock as ms
 from ..methods import slerp as sl
 from ..methods.nearswap import nearswap
-from ..methods.numerics import as_f32, divide, rounder
+from ..methods.numerics import as_f32, cast_out, divide, rounder
 from ..methods.scalar import clamp, f32fn, fma32, norm, rnd, rnd_array, seq_sum32, sqrt32
 from ..methods.vecsum import LaneSumSq, Layout, VectorMax, VectorSums
 from ..plan import Step
@@ -116,7 +116,7 @@ class _NormSums:
 
 
 def _cast(out: str):
-    return lambda y: y.astype(DTYPES[out])
+    return lambda y: cast_out(y, DTYPES[out])
 
 
 @functools.lru_cache(maxsize=None)

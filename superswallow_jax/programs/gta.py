@@ -29,6 +29,7 @@ from ..errors import ConfigError, PlanError
 from ..io.reader import DTYPES
 from ..methods import gta as gta_m
 from ..methods import sparsify as sp
+from ..methods.numerics import cast_out
 from ..plan import Step
 from ..stream import StepContext, pad
 from . import register
@@ -124,10 +125,10 @@ def get_kernel(sig: KernelSig) -> Callable:
             b, deltas = gta_m.task_vectors(base, others, d=sig.work)
             probs = _della_probs(sig, rows, sa.c0, sa.eps, row_off)
             deltas = _sparsify_donors(sig, deltas, sa, probs, off_hi, off_lo, masks)
-            return gta_m.combine(
+            return cast_out(gta_m.combine(
                 b, deltas, weights, lam if sig.use_lambda else None,
                 d=sig.work, consensus=sig.consensus, normalize=sig.normalize,
-            ).astype(out_dt)
+            ), out_dt)
     elif sig.kind == "gta_stats":
         # Statistics passes: per donor, the task vector (for magnitude
         # histograms) or the BLOCK sums of |delta| and |delta * keep| in the

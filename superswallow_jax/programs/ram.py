@@ -16,6 +16,7 @@ import numpy as np
 from ..io.reader import DTYPES
 from ..methods import gta as gta_m
 from ..methods import ram as ram_m
+from ..methods.numerics import cast_out
 from ..methods.sparsify import round_scalar
 from ..stream import StepContext
 from . import register
@@ -31,7 +32,7 @@ def _merge_kernel(work: str, out: str, base: int, plus: bool):
     def run(xs, eps, lam):
         b_in, others = _split(xs, base)
         b, deltas = gta_m.task_vectors(b_in, others, d=work)
-        return ram_m.merge(b, deltas, eps, lam if plus else None, d=work).astype(DTYPES[out])
+        return cast_out(ram_m.merge(b, deltas, eps, lam if plus else None, d=work), DTYPES[out])
 
     return jax.jit(run)
 

@@ -20,6 +20,7 @@ from ..io.reader import DTYPES
 from ..methods import gta as gta_m
 from ..methods import sce as sce_m
 from ..methods import sparsify as sp
+from ..methods.numerics import cast_out
 from ..stream import StepContext, pad
 from . import register
 from .basic import base_only_program
@@ -53,7 +54,7 @@ def _merge_kernel(work: str, out: str, base: int, mode: str, n: int):
             keep = jnp.zeros((n,), bool)
         else:
             keep = None
-        return sce_m.combine(b, deltas, keep, w, floor, d=work).astype(DTYPES[out])
+        return cast_out(sce_m.combine(b, deltas, keep, w, floor, d=work), DTYPES[out])
 
     return jax.jit(run)
 
