@@ -72,15 +72,19 @@ class InputFetcher:
         src = step.sources[i]
         return self.plan.models[src.model].checkpoint.file(src.tensor).view(src.tensor.name)
 
+    def _rows(self, step: Step, j: int, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of source ``j``'s original matrix (a new array)."""
+        src = step.sources[j]
+        return self.plan.models[src.model].checkpoint.file(src.tensor).read_rows(src.tensor, ids)
+
     def chunk(self, step: Step, i: int, a: int, b: int) -> np.ndarray:
         """Elements [a, b) of source ``i`` of ``step``, flattened (dtype as stored)."""
         if not step.embed:
             return self._view(step, i).reshape(-1)[a:b]
         hidden = step.shape[1]
         r0, r1 = a // hidden, -(-b // hidden)
-        views = [self._view(step, j) for j in range(len(step.sources))]
-        read_rows = lambda j, ids: views[j][ids]  # noqa: E731  (source j's original rows; copies only those)
-        rows = step.alignment.aligned_rows(i, r0, r1, read_rows, DTYPES[step.work_dtype], tensor=step.name)
+        rows = step.alignment.aligned_rows(i, r0, r1, lambda j, ids: self._rows(step, j, ids), DTYPES[step.work_dtype],
+                                           tensor=step.name)
         return np.ascontiguousarray(rows).reshape(-1)[a - r0 * hidden : b - r0 * hidden]
 
     def padded(self, step: Step, i: int, a: int, b: int, n: int) -> np.ndarray:
@@ -90,7 +94,11 @@ class InputFetcher:
         made from it: then the pool hands the memory out again.
         """
         if step.embed:
-            return pad(self.chunk(step, i, a, b), n)
+            x = self.chunk(step, i, a, b)
+            out = self.buffers.get(n * x.dtype.itemsize).view(x.dtype)
+            out[: x.size] = x
+            out[x.size :] = 0
+            return out
         src = step.sources[i]
         dt = src.tensor.np_dtype
         buf = self.buffers.get(n * dt.itemsize)

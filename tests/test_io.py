@@ -999,3 +999,24 @@ def test_finish_is_idempotent_and_file_sha256(tmp_path, in_order):
         assert read_header(p).metadata == {"digest": "f" * 64}
         assert digests[p.name] == hashlib.sha256(p.read_bytes()).hexdigest()
     assert _same(Checkpoint(out).view("b"), np.full((2, 2), 2.0, BF16))
+
+
+def test_read_rows_runs_scattered_and_bounds(tmp_path):
+    from superswallow_jax.io.reader import SafetensorsFile
+
+    x = np.arange(40 * 6, dtype=np.float32).reshape(40, 6).astype(ml_dtypes.bfloat16)
+    y = np.arange(40 * 3 * 2, dtype=np.int16).reshape(40, 3, 2)
+    path = tmp_path / "m.safetensors"
+    save_file({"x": x, "y": y}, str(path))
+    f = SafetensorsFile(path)
+    info = f.header.tensors["x"]
+    for ids in ([3, 4, 5, 9, 10, 0, 39], list(range(40)), [7], [], list(np.random.default_rng(0).permutation(40))):
+        got = f.read_rows(info, np.array(ids, np.int64))
+        assert got.shape == (len(ids), 6) and got.dtype == ml_dtypes.bfloat16
+        assert np.array_equal(got, x[np.array(ids, np.int64)])
+    assert np.array_equal(f.read_rows(f.header.tensors["y"], np.array([5, 6, 7, 1])), y[[5, 6, 7, 1]])
+    with pytest.raises(IndexError):
+        f.read_rows(info, np.array([40]))
+    with pytest.raises(IndexError):
+        f.read_rows(info, np.array([-1, 0]))
+    f.close()

@@ -241,6 +241,34 @@ class SafetensorsFile:
                 raise _fail(self.path, f"truncated while reading tensor {info.name} (file changed?)")
             done += got
 
+    def read_rows(self, info: TensorInfo, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` (int ``[k]``) of tensor ``info`` (its first axis) as a new ``[k, ...]`` array.
+
+        Runs of consecutive ids are read with one ``pread`` each, into the
+        result (no page of the file is mapped). Ids in no particular order
+        (more than one run per 8 rows) are gathered from the memory map
+        instead, which is faster than many small reads.
+        """
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        shape = tuple(info.shape)
+        if not shape:
+            raise _fail(self.path, f"tensor {info.name}: a scalar has no rows")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= shape[0]):
+            raise IndexError(f"{self.path}: tensor {info.name}: row ids outside [0, {shape[0]})")
+        out = np.empty((ids.size, *shape[1:]), info.np_dtype)
+        if not ids.size:
+            return out
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+        if len(breaks) + 1 > max(1, ids.size // 8):
+            out[...] = self.view(info.name)[ids]
+            return out
+        row_bytes = info.nbytes // shape[0] if shape[0] else 0
+        starts = [0, *breaks.tolist()]
+        ends = [*breaks.tolist(), ids.size]
+        for a, b in zip(starts, ends):
+            self.read_into(info, int(ids[a]) * row_bytes, out[a:b].reshape(-1).view(np.uint8))
+        return out
+
     def _descriptor(self) -> int:
         if self._fd is None:
             try:
