@@ -296,6 +296,17 @@ def test_lane_sum_of_squares_is_torchs_order_for_any_chunking():
     assert np.array_equal(np.sqrt(acc.sums()[0]), np.array(want, np.float32))
 
 
+def test_lane_sums_of_several_vectors_at_once_equal_each_alone():
+    """k vectors reduced side by side ([rows, k * 8]) give each vector's torch-order bits."""
+    rng = np.random.default_rng(15)
+    for n, k in ((100_003, 3), (9 * 1024 + 3, 7), (4100, 16)):
+        xs = [(rng.standard_normal(n) * np.exp(rng.uniform(-5, 5, n))).astype(np.float32) for _ in range(k)]
+        acc = vecsum.LaneSumSq(n, k)
+        for a in range(0, n, 2048):
+            acc.add(a, min(n, a + 2048), [x[a : a + 2048] for x in xs])
+        assert np.array_equal(np.sqrt(acc.sums()[:, 0]), np.array([ref.torch_norm32(x) for x in xs], np.float32))
+
+
 def test_fma32_is_correctly_rounded():
     from fractions import Fraction
 
