@@ -70,14 +70,20 @@ class PassCache:
         self.used = 0
         self.hits = 0
         self._store: dict[Hashable, tuple[object, int]] = {}
+        self._by_kind: dict[Hashable, int] = {}  # bytes kept per key[0]
         self._lock = threading.Lock()
 
-    def has(self, key: Hashable) -> bool:
+    def has(self, key: tuple) -> bool:
         with self._lock:
             return key in self._store
 
-    def get(self, key: Hashable, make: Callable[[], T]) -> T:
-        """The kept value for ``key``, else ``make()`` -- kept if it fits the budget."""
+    def get(self, key: tuple, make: Callable[[], T], share: float = 1.0) -> T:
+        """The kept value for ``key``, else ``make()`` -- kept if it fits the budget.
+
+        ``key[0]`` names the kind of value; all values of that kind together
+        may use at most ``share`` of the budget (so cheap-to-redo values leave
+        room for costly ones).
+        """
         with self._lock:
             if key in self._store:
                 self.hits += 1
@@ -85,12 +91,14 @@ class PassCache:
         value = make()
         size = _nbytes(value)
         with self._lock:
-            if key not in self._store and self.used + size <= self.budget:
+            kind_used = self._by_kind.get(key[0], 0)
+            if key not in self._store and self.used + size <= self.budget and kind_used + size <= share * self.budget:
                 self._store[key] = (value, size)
                 self.used += size
+                self._by_kind[key[0]] = kind_used + size
         return value
 
-    def take(self, key: Hashable, make: Callable[[], T]) -> T:
+    def take(self, key: tuple, make: Callable[[], T]) -> T:
         """The kept value for ``key`` (removed from the cache), else ``make()`` (not kept).
 
         For a step's last use of a value: its memory goes as soon as the caller drops it.
@@ -100,5 +108,6 @@ class PassCache:
             if hit is not None:
                 self.hits += 1
                 self.used -= hit[1]
+                self._by_kind[key[0]] -= hit[1]
                 return hit[0]  # type: ignore[return-value]
         return make()

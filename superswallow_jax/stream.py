@@ -173,9 +173,11 @@ class StepContext:
         """Every source's elements [a, b), zero-padded to the bucket, placed on the device(s).
 
         For the statistics passes: kept for the later passes when the cache
-        has room. Also asks the kernel to read ahead the next chunk of the tensor.
+        has room; inputs take at most half of it, since reading again is cheap
+        next to what the other kept values (random masks, della ranks) spare.
+        Also asks the kernel to read ahead the next chunk of the tensor.
         """
-        return self.cache.get(("inputs", a), lambda: self._read(a, b))
+        return self.cache.get(("inputs", a), lambda: self._read(a, b), share=0.5)
 
     def final_inputs(self, a: int, b: int) -> list:
         """:meth:`inputs` for the step's last pass (the merge): a kept chunk leaves the cache."""

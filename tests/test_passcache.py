@@ -17,23 +17,36 @@ def test_get_keeps_within_budget_and_take_removes():
         calls.append(n)
         return np.zeros(n, np.uint8)
 
-    a = c.get("a", lambda: make(6000))
-    assert c.get("a", lambda: make(1)) is a and c.used == 6000 and c.hits == 1
-    b = c.get("b", lambda: make(6000))  # does not fit next to "a": computed, not kept
-    assert not c.has("b") and c.used == 6000
-    assert c.get("b", lambda: make(6000)) is not b
-    assert c.take("a", lambda: make(2)) is a and c.used == 0 and not c.has("a")
-    assert c.take("a", lambda: make(3)).size == 3 and not c.has("a")  # a miss is not kept
+    a = c.get(("a",), lambda: make(6000))
+    assert c.get(("a",), lambda: make(1)) is a and c.used == 6000 and c.hits == 1
+    b = c.get(("b",), lambda: make(6000))  # does not fit next to "a": computed, not kept
+    assert not c.has(("b",)) and c.used == 6000
+    assert c.get(("b",), lambda: make(6000)) is not b
+    assert c.take(("a",), lambda: make(2)) is a and c.used == 0 and not c.has(("a",))
+    assert c.take(("a",), lambda: make(3)).size == 3 and not c.has(("a",))  # a miss is not kept
     assert calls == [6000, 6000, 6000, 3]
+
+
+def test_share_caps_one_kind_and_leaves_room_for_others():
+    c = PassCache(budget=10_000)
+    for i in range(4):
+        c.get(("inputs", i), lambda: np.zeros(2000, np.uint8), share=0.5)
+    assert [c.has(("inputs", i)) for i in range(4)] == [True, True, False, False]  # 4000 <= 5000 < 6000
+    for i in range(4):
+        c.get(("mask", i), lambda: np.zeros(1500, np.uint8))
+    assert [c.has(("mask", i)) for i in range(4)] == [True, True, True, True] and c.used == 10_000
+    c.take(("inputs", 0), lambda: None)
+    c.get(("inputs", 2), lambda: np.zeros(2000, np.uint8), share=0.5)  # room again for its kind
+    assert c.has(("inputs", 2)) and c.used == 10_000
 
 
 def test_lists_count_every_array_and_zero_budget_keeps_nothing():
     c = PassCache(budget=3000)
-    c.get("x", lambda: [np.zeros(1000, np.uint8), None, np.zeros(500, np.float32)])
+    c.get(("x",), lambda: [np.zeros(1000, np.uint8), None, np.zeros(500, np.float32)])
     assert c.used == 3000
     z = PassCache()
-    z.get("x", lambda: np.zeros(1, np.uint8))
-    assert z.used == 0 and not z.has("x")
+    z.get(("x",), lambda: np.zeros(1, np.uint8))
+    assert z.used == 0 and not z.has(("x",))
 
 
 MULTI_PASS = [

@@ -41,7 +41,7 @@ from .select import QuotaCursor, Selection, select_ranges
 class KernelSig:
     """Static shape of a chunk kernel: one XLA program per distinct signature."""
 
-    kind: str  # "gta" | "gta_stats"
+    kind: str  # "gta" | "gta_stats" | "della_mask"
     work: str
     out: str
     n: int  # bucket length
@@ -84,15 +84,13 @@ def _della_probs(sig: KernelSig, rows, c0, eps, row_off):
     return out
 
 
-def _keep(sig: KernelSig, i: int, kind: str, delta, sa, probs, off_hi, off_lo, masks):
-    if kind == "random":
-        return masks[i]  # from _random_masks, a program of its own
-    if kind == "della":
-        return sp.bernoulli_keep(sa.keys[i], off_hi, off_lo, sig.n, probs[i])
+def _keep(sig: KernelSig, i: int, kind: str, delta, sa, masks):
+    if kind in ("random", "della"):
+        return masks[i]  # from _keep_masks: programs of their own
     return sp.range_keep(jnp.abs(delta), sa.thresholds[i], sa.quotas[i], sa.bottoms[i], sa.bquotas[i])
 
 
-def _sparsify_donors(sig: KernelSig, deltas, sa: _Sparse, probs, off_hi, off_lo, masks):
+def _sparsify_donors(sig: KernelSig, deltas, sa: _Sparse, masks):
     out = []
     for i, (kind, delta) in enumerate(zip(sig.sparsify, deltas)):
         if kind is None:
@@ -101,7 +99,7 @@ def _sparsify_donors(sig: KernelSig, deltas, sa: _Sparse, probs, off_hi, off_lo,
         if kind == "zero":  # della at density <= 0: zeros_like
             out.append(jnp.zeros_like(delta))
             continue
-        keep = _keep(sig, i, kind, delta, sa, probs, off_hi, off_lo, masks)
+        keep = _keep(sig, i, kind, delta, sa, masks)
         out.append(sp.apply_keep(delta, keep, sa.factors[i], work=_work_of(sig, kind), d=sig.work))
     return out
 
@@ -119,12 +117,11 @@ def get_kernel(sig: KernelSig) -> Callable:
     out_dt = DTYPES[sig.out]
 
     if sig.kind == "gta":
-        def run(xs, weights, sa, rows, lam, off_hi, off_lo, row_off, masks):
+        def run(xs, weights, sa, lam, masks):
             base = xs[sig.base]
             others = [x for i, x in enumerate(xs) if i != sig.base]
             b, deltas = gta_m.task_vectors(base, others, d=sig.work)
-            probs = _della_probs(sig, rows, sa.c0, sa.eps, row_off)
-            deltas = _sparsify_donors(sig, deltas, sa, probs, off_hi, off_lo, masks)
+            deltas = _sparsify_donors(sig, deltas, sa, masks)
             return cast_out(gta_m.combine(
                 b, deltas, weights, lam if sig.use_lambda else None,
                 d=sig.work, consensus=sig.consensus, normalize=sig.normalize,
@@ -133,15 +130,14 @@ def get_kernel(sig: KernelSig) -> Callable:
         # Statistics passes: per donor, the task vector (for magnitude
         # histograms) or the BLOCK sums of |delta| and |delta * keep| in the
         # work dtype (for the L1 rescale of random and della pruning).
-        def run(xs, sa, rows, off_hi, off_lo, row_off, masks):
+        def run(xs, sa, masks):
             base = xs[sig.base]
             others = [x for i, x in enumerate(xs) if i != sig.base]
             _, deltas = gta_m.task_vectors(base, others, d=sig.work)
-            probs = _della_probs(sig, rows, sa.c0, sa.eps, row_off)
             res = []
             for i, (kind, delta) in enumerate(zip(sig.sparsify, deltas)):
                 if kind in ("random", "della"):
-                    keep = _keep(sig, i, kind, delta, sa, probs, off_hi, off_lo, masks)
+                    keep = _keep(sig, i, kind, delta, sa, masks)
                     a = jnp.abs(delta)
                     res.append((sp.block_sums(a), sp.block_sums(a * keep.astype(jnp.float32))))
                 elif kind == "magnitude_outliers":
@@ -166,21 +162,55 @@ def _mask_kernel(n: int, sharding) -> Callable:
     return jax.jit(lambda key, hi, lo, p: sp.random_keep(key, hi, lo, n, p), out_shardings=sharding)
 
 
-def _random_masks(ctx: StepContext, sig: KernelSig, sa: _Sparse, a: int, final: bool) -> tuple:
-    """Per donor: the keep mask of the chunk at ``a`` for random (DARE) pruning, else None.
+@functools.lru_cache(maxsize=None)
+def _della_mask_kernel(sig: KernelSig, sharding) -> Callable:
+    """DELLA keep masks of a chunk (one per della donor, ``None`` for the others), as their own XLA program.
+
+    Inputs: every source's whole rows around the chunk (``sig.row_len``
+    elements) and the chunk's offset in them. The per-row magnitude ranks are
+    the costly part (sorts), so a statistics pass keeps these masks for the
+    merge pass when the step's cache has room.
+    """
+    def run(rows, keys, c0, eps, hi, lo, row_off):
+        probs = _della_probs(sig, rows, c0, eps, row_off)
+        return tuple(sp.bernoulli_keep(keys[i], hi, lo, sig.n, probs[i]) if kind == "della" else None
+                     for i, kind in enumerate(sig.sparsify))
+
+    return jax.jit(run, out_shardings=sharding)
+
+
+def _keep_masks(ctx: StepContext, sig: KernelSig, sa: _Sparse, a: int, b: int, final: bool) -> tuple:
+    """Per donor: the keep mask of chunk [a, b) for random (DARE) and della pruning, else None.
 
     A statistics pass keeps the masks in the step's cache (when it has room)
-    for the merge pass (``final``), which takes them instead of drawing again.
+    for the merge pass (``final``), which takes them instead of drawing (and,
+    for della, ranking) again. The masks only depend on the chunk, so the
+    statistics and merge programs share them.
     """
-    if "random" not in sig.sparsify:
-        return tuple(None for _ in sig.sparsify)
-    kern = _mask_kernel(sig.n, ctx.placement.sharding_for(sig.n))
-    hi, lo = prng.split_offset(a)
+    kinds = sig.sparsify
+    if not any(k in ("random", "della") for k in kinds):
+        return tuple(None for _ in kinds)
     use = ctx.cache.take if final else ctx.cache.get
-    return tuple(
-        use(("mask", i, a), lambda i=i: kern(sa.keys[i], hi, lo, sa.ps[i])) if kind == "random" else None
-        for i, kind in enumerate(sig.sparsify)
-    )
+    sharding = ctx.placement.sharding_for(sig.n)
+    hi, lo = prng.split_offset(a)
+    out = [None] * len(kinds)
+    della = tuple(i for i, k in enumerate(kinds) if k == "della")
+    if della:
+        def make_della():
+            rows, row_off = _row_blocks(ctx, sig, a, b)
+            msig = KernelSig(kind="della_mask", work=sig.work, out="", n=sig.n, n_inputs=sig.n_inputs, base=sig.base,
+                             sparsify=tuple(k if k == "della" else None for k in kinds), cols=sig.cols,
+                             row_len=sig.row_len)  # the same program for the statistics and merge passes
+            return _della_mask_kernel(msig, sharding)(rows, sa.keys, sa.c0, sa.eps, hi, lo, row_off)
+
+        dm = use(("della", a, della), make_della)
+        for i in della:
+            out[i] = dm[i]
+    kern = _mask_kernel(sig.n, sharding)
+    for i, kind in enumerate(kinds):
+        if kind == "random":
+            out[i] = use(("mask", i, a), lambda i=i: kern(sa.keys[i], hi, lo, sa.ps[i]))
+    return tuple(out)
 
 
 def _donors(step: Step) -> list[int]:
@@ -275,10 +305,8 @@ def _stats_kernel(ctx: StepContext, args: _GtaArgs, kinds: tuple[str | None, ...
     kern = get_kernel(stats_sig)
 
     def run(a: int, b: int):
-        xs = ctx.inputs(a, b)
-        rows, row_off = _row_blocks(ctx, stats_sig, a, b)
-        hi, lo = prng.split_offset(a)
-        return kern(xs, args.sa, rows, hi, lo, row_off, _random_masks(ctx, stats_sig, args.sa, a, final=False))
+        masks = _keep_masks(ctx, stats_sig, args.sa, a, b, final=False)
+        return kern(ctx.inputs(a, b), args.sa, masks)
 
     return run
 
@@ -368,9 +396,7 @@ def prepare_gta(ctx: StepContext):
         for j, cur in enumerate(cursors):
             if cur is not None:
                 quotas[j], bquotas[j] = cur.next(a)
-        hi, lo = prng.split_offset(a)
-        rows, row_off = _row_blocks(ctx, args.sig, a, b)
-        return kern(xs, args.weights, sa._replace(quotas=quotas, bquotas=bquotas), rows, args.lam, hi, lo, row_off,
-                    _random_masks(ctx, args.sig, sa, a, final=True))
+        return kern(xs, args.weights, sa._replace(quotas=quotas, bquotas=bquotas), args.lam,
+                    _keep_masks(ctx, args.sig, sa, a, b, final=True))
 
     return run
