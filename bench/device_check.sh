@@ -60,6 +60,8 @@ throughput() {
       echo "$r accel-nofsync $($PY bench/merge_probe.py "$W/$r.yaml" "$W/o" --no-fsync)"
       rm -rf "$W/o"; sync
       echo "$r accel-nofsync-chunk16M $($PY bench/merge_probe.py "$W/$r.yaml" "$W/o" --no-fsync --chunk-elems 16777216)"
+      rm -rf "$W/o"; sync  # what the pass cache buys on the device (DARE keeps inputs and masks between passes)
+      echo "$r accel-nofsync-nopasscache $($PY bench/merge_probe.py "$W/$r.yaml" "$W/o" --no-fsync --pass-cache-mb 0)"
     done
   done
 }
