@@ -52,14 +52,6 @@ def _dtype_code(name: Optional[str]) -> Optional[str]:
     return DTYPE_NAMES[key]
 
 
-def _cache_bytes(mb: int) -> int:
-    from superswallow_jax.errors import ConfigError
-
-    if mb < 0:
-        raise ConfigError(f"--pass-cache-mb must be >= 0, got {mb}")
-    return mb << 20
-
-
 @app.command()
 def merge(
     config: Path = typer.Argument(..., help="mergekit YAML config"),
@@ -124,7 +116,7 @@ def merge(
         try:
             res = run_merge(
                 cfg, out, seed=seed, shard_size=size, out_dtype=_dtype_code(out_dtype), force=force,
-                chunk_elems=chunk_elems, pass_cache_bytes=None if pass_cache_mb is None else _cache_bytes(pass_cache_mb),
+                chunk_elems=chunk_elems, pass_cache_bytes=None if pass_cache_mb is None else pass_cache_mb * (1 << 20),
                 progress=on_progress, on_plan=on_plan, procs=procs, fsync=fsync, digests=digests,
                 file_digests=file_digests, hash_inputs=input_digests,
             )

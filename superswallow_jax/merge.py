@@ -20,6 +20,7 @@ from . import __version__, prng
 from . import manifest as mf
 from . import devices as dv
 from .config import MergeConfig
+from .errors import ConfigError
 from .devices import ProcessInfo
 from .execute import ExecOptions, iter_results
 from .io import model_dir as md
@@ -152,6 +153,8 @@ def run_merge(
     tokenizer, card and manifest after all shards are in place. The files are
     the same bytes as a single-process merge.
     """
+    if pass_cache_bytes is not None and pass_cache_bytes < 0:
+        raise ConfigError(f"pass cache budget must be >= 0 bytes, got {pass_cache_bytes} (--pass-cache-mb)")
     plan = build_plan(cfg, shard_size=shard_size, out_dtype=out_dtype)
     if on_plan is not None:
         on_plan(plan)

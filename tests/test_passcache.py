@@ -77,3 +77,18 @@ def test_cache_budget_never_changes_bytes(models, tmp_path, monkeypatch, name): 
         else:
             assert sum(hits) > 0  # the merge pass did use kept values
     assert files_digest(outs[0]) == files_digest(outs[40_000]) == files_digest(outs[1 << 40])
+
+
+def test_negative_budget_is_a_one_line_cli_error(models, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    from .test_e2e import recipe
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(recipe(models, "examples/dare-ties-d05.yaml"))
+    res = CliRunner().invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "--pass-cache-mb", "-1", "-q"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == ["error: pass cache budget must be >= 0 bytes, got -1048576 (--pass-cache-mb)"]
+    assert not (tmp_path / "out").exists()

@@ -8,9 +8,11 @@ DELLA), exact magnitude thresholds with per-chunk tie quotas (TIES) and exact
 kept ranges of the magnitude order (breadcrumbs, see :mod:`.select`).
 
 DELLA ranks magnitudes within rows (the last axis of a 2-D tensor; a 1-D
-tensor is one row). A chunk may start or end inside a row, so the chunk
-program also reads the whole rows around each chunk (at most ``chunk + 2 *
-row`` elements per input) and computes the keep probabilities there.
+tensor is one row). A chunk may start or end inside a row, so DELLA's mask
+program reads the whole rows around each chunk (at most ``chunk + 2 * row``
+elements per input) and computes the keep probabilities there. DARE and DELLA
+masks come from programs of their own and are shared by the statistics and
+merge passes through the step's cache (:mod:`..passcache`).
 """
 
 from __future__ import annotations
