@@ -52,3 +52,24 @@ def test_non_lowercase_hex_names_are_not_trusted(tmp_path, name):
     blobs.mkdir()
     (blobs / name).write_bytes(b"q")
     assert mf.hub_blob_sha256(blobs / name) is None
+
+
+def test_folder_digests_threads_and_pieces_equal_plain_sha256(tmp_path, monkeypatch):
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    tensors = {f"t{i}": rng.standard_normal((i * 37 + 1, 5)).astype(np.float32) for i in range(12)}
+    tensors["bf"] = rng.standard_normal((300, 7)).astype(ml_dtypes.bfloat16)
+    tensors["empty"] = np.zeros((0, 4), np.float32)
+    save_file({k: v for k, v in tensors.items() if k < "t6"}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k >= "t6"}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    want = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in tensors.items()}
+    monkeypatch.setattr(mf, "FILE_CHUNK", 1000)  # several pread pieces per tensor
+    for workers in (1, 4):
+        got = mf.folder_digests(tmp_path, workers=workers)
+        assert {k: d.sha256 for k, d in got.items()} == want
+        assert list(got) == sorted(want)
+    only = mf.folder_digests(tmp_path, select=lambda n: n.startswith("t1"), workers=3)
+    assert sorted(only) == ["t1", "t10", "t11"]

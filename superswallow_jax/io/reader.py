@@ -28,6 +28,7 @@ import json
 import math
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -196,6 +197,7 @@ class SafetensorsFile:
         self.path = self.header.path
         self._map: np.memmap | None = None
         self._fd: int | None = None
+        self._open_lock = threading.Lock()
 
     def _mapping(self) -> np.memmap:
         if self._map is None:
@@ -270,12 +272,13 @@ class SafetensorsFile:
         return out
 
     def _descriptor(self) -> int:
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise _fail(self.path, f"cannot open: {e.strerror or e}") from None
-        return self._fd
+        with self._open_lock:  # threads may read one file at once (pread is positionless)
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as e:
+                    raise _fail(self.path, f"cannot open: {e.strerror or e}") from None
+            return self._fd
 
     def prefetch(self, info: TensorInfo, begin: int, end: int) -> None:
         """Ask the kernel to start reading bytes [begin, end) of ``info`` now.
