@@ -73,15 +73,22 @@ def variance(deltas: Sequence[np.ndarray], d: str) -> np.ndarray:
     dtype-``d`` values: Welford's recurrence in float64, divided by k, then
     float64 -> float32 -> d.
     """
-    mean = np.zeros(deltas[0].shape, np.float64)
-    m2 = np.zeros(deltas[0].shape, np.float64)
-    for n, x in enumerate(deltas, start=1):
-        x = x.astype(np.float64)
-        delta = x - mean
-        mean = mean + delta / np.float64(n)
-        m2 = m2 + delta * (x - mean)
-    v = (m2 / np.float64(len(deltas))).astype(np.float32)
-    return v.astype(_NP[d]).astype(np.float32)
+    shape = np.shape(deltas[0])
+    mean = np.zeros(shape, np.float64)
+    m2 = np.zeros(shape, np.float64)
+    x = np.empty(shape, np.float64)
+    delta = np.empty(shape, np.float64)
+    step = np.empty(shape, np.float64)
+    for n, t in enumerate(deltas, start=1):  # in place: the same roundings, no temporaries
+        x[...] = t  # exact
+        np.subtract(x, mean, out=delta)
+        np.divide(delta, np.float64(n), out=step)
+        np.add(mean, step, out=mean)
+        np.subtract(x, mean, out=x)
+        np.multiply(delta, x, out=x)
+        np.add(m2, x, out=m2)
+    np.divide(m2, np.float64(len(deltas)), out=m2)
+    return m2.astype(np.float32).astype(_NP[d]).astype(np.float32)
 
 
 def topk_count(nonzero: int, select_topk: float) -> int:

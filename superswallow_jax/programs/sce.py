@@ -74,19 +74,23 @@ def prepare_sce(ctx: StepContext):
         ctx.release(a, b)
         return [np.asarray(t)[: b - a] for t in deltas], [np.asarray(s)[: b - a] for s in sqs]
 
+    def var_of(a: int, b: int) -> np.ndarray:
+        """float32[b - a]: the donors' per-entry variance (dtype-``work`` values)."""
+        return sce_m.variance(taus(a, b)[0], work)
+
     blocks: list[list[float]] = [[] for _ in range(k)]
     sel = None
     if 0 < topk < 1:
         mode = "topk"
-        current: list = []
 
         def keys(a: int, b: int):
-            deltas, sqs = taus(a, b)
-            current[:] = [sqs]
-            return [sp.abs_bits(sce_m.variance(deltas, work), work)]
+            # select_ranges asks for each chunk's keys in two or three passes
+            # and the merge pass needs them once more: the variance (float64
+            # on the host, the costly part) is kept in the step's cache.
+            return [sp.abs_bits(ctx.cache.get(("var", a), lambda: var_of(a, b)), work)]
 
         def visit(a: int, b: int, keeps) -> None:
-            for i, sq in enumerate(current[0]):
+            for i, sq in enumerate(taus(a, b)[1]):
                 blocks[i] += sp.block_l1(sq * keeps[0])
 
         sel = select_ranges(
@@ -111,8 +115,7 @@ def prepare_sce(ctx: StepContext):
         if cursor is None:
             return merge(xs, dummy, top, np.int32(0), bottom, np.int32(0), w, floor)
         skip, quota = cursor.next(a)
-        deltas, _ = tau(xs)
-        var = pad(sce_m.variance([np.asarray(t)[: b - a] for t in deltas], work), ctx.bucket)
-        return merge(xs, var, top, np.int32(skip), bottom, np.int32(quota), w, floor)
+        var = ctx.cache.take(("var", a), lambda: sce_m.variance([np.asarray(t)[: b - a] for t in tau(xs)[0]], work))
+        return merge(xs, pad(var, ctx.bucket), top, np.int32(skip), bottom, np.int32(quota), w, floor)
 
     return run
