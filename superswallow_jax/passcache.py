@@ -98,6 +98,13 @@ class PassCache:
                 self._by_kind[key[0]] = kind_used + size
         return value
 
+    def discard(self, kind: Hashable) -> None:
+        """Forget every kept value whose key starts with ``kind`` (values no later pass uses)."""
+        with self._lock:
+            for key in [k for k in self._store if k[0] == kind]:
+                self.used -= self._store.pop(key)[1]
+            self._by_kind.pop(kind, None)
+
     def take(self, key: tuple, make: Callable[[], T]) -> T:
         """The kept value for ``key`` (removed from the cache), else ``make()`` (not kept).
 

@@ -40,6 +40,17 @@ def test_share_caps_one_kind_and_leaves_room_for_others():
     assert c.has(("inputs", 2)) and c.used == 10_000
 
 
+def test_discard_forgets_one_kind():
+    c = PassCache(budget=10_000)
+    for i in range(3):
+        c.get(("keys", i), lambda: np.zeros(1000, np.uint8))
+    c.get(("inputs", 0), lambda: np.zeros(2000, np.uint8))
+    c.discard("keys")
+    assert c.used == 2000 and not any(c.has(("keys", i)) for i in range(3)) and c.has(("inputs", 0))
+    c.get(("keys", 0), lambda: np.zeros(8000, np.uint8))  # its room is back
+    assert c.has(("keys", 0)) and c.used == 10_000
+
+
 def test_lists_count_every_array_and_zero_budget_keeps_nothing():
     c = PassCache(budget=3000)
     c.get(("x",), lambda: [np.zeros(1000, np.uint8), None, np.zeros(500, np.float32)])
@@ -51,7 +62,7 @@ def test_lists_count_every_array_and_zero_budget_keeps_nothing():
 
 MULTI_PASS = [
     "examples/dare-ties-d05.yaml", "examples/dare-linear-d05.yaml", "examples/ties.yaml", "examples/della.yaml",
-    "examples/breadcrumbs-ties.yaml", "examples/sce.yaml", "examples/karcher.yaml", "examples/arcee-fusion.yaml",
+    "examples/breadcrumbs-ties.yaml", "examples/breadcrumbs.yaml", "examples/sce.yaml", "examples/karcher.yaml", "examples/arcee-fusion.yaml",
 ]
 
 

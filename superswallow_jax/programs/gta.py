@@ -366,12 +366,15 @@ def _outlier_ranges(ctx: StepContext, args: _GtaArgs, rescale: bool) -> None:
         else:
             ranges.append(sp.outlier_range(p.get("density", 1.0), p.get("gamma", 0.01), step.numel))
 
-    def keys(a: int, b: int):
+    def compute_keys(a: int, b: int):
         res = kern(a, b)
         ctx.release(a, b)
         return [sp.abs_bits(np.asarray(r[0])[: b - a], sig.work) if outl[j] else None for j, r in enumerate(res)]
 
-    sels = select_ranges(ctx.chunks, keys, ranges, sig.work, l1=rescale)
+    # select_ranges asks for each chunk's keys in two or three passes: keep them while they fit.
+    sels = select_ranges(ctx.chunks, lambda a, b: ctx.cache.get(("keys", a), lambda: compute_keys(a, b)), ranges,
+                         sig.work, l1=rescale)
+    ctx.cache.discard("keys")  # the merge pass does not use them
     for j, sel in enumerate(sels):
         if sel is None:
             continue
