@@ -8,10 +8,13 @@ not in the page cache) and DARE draws each mask again (threefry: about 0.8 ms
 of CPU per 1M elements).
 
 A :class:`PassCache` keeps what a pass computed -- the placed input arrays,
-DARE masks -- for the later passes, as long as the total stays within the
-budget; what does not fit is computed again, as before. The kept values are
-the very arrays a pass would compute again, so the output bytes do not depend
-on the budget (tests compare budgets 0 and unlimited).
+DARE and DELLA masks, SCE variances, TIES/breadcrumbs magnitude keys -- for
+the later passes, as long as the total stays within the budget; what does
+not fit is computed again, as before. Keys are tuples whose first item names
+the kind of value, so one kind can be capped (``share``) or dropped
+(:meth:`PassCache.discard`). The kept values are the very arrays a pass would
+compute again, so the output bytes do not depend on the budget (tests
+compare budgets 0, partial and unlimited).
 
 The budget bounds memory: on the CPU backend the kept arrays are host
 memory (RSS), on an accelerator device memory. One cache lives for one step;
