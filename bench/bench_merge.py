@@ -28,10 +28,14 @@ are re-read into the page cache before every round.
 
     python bench/bench_merge.py [--models DIR] [--repeat 3] [--mergekit PATH]
                                 [--only floor,ours,ours-lib,mergekit,startup]
-                                [--recipes superswallow,dare-d0.5] [--work DIR] [--keep] [--cold]
+                                [--recipes superswallow,dare-d0.5] [--configs CONFIG ...]
+                                [--work DIR] [--keep] [--cold]
 
 ``--cold`` empties the page cache (root) before each timed merge, so inputs
 are read from the disk, as in a 70B merge; by default inputs are cached.
+``--configs`` times any other configs the same way (a method sweep:
+``--configs configs/examples/*.yaml --only ours,mergekit``); the 1.3gb models
+they name (``llama``, ``hermes``) are made next to the pair when missing.
 """
 
 from __future__ import annotations
@@ -132,13 +136,20 @@ def have_model(d: Path) -> bool:
 
 
 def ensure_models(models: Path, preset: str, names: tuple[str, ...]) -> None:
-    if all(have_model(models / n) for n in names):
+    missing = [n for n in names if not have_model(models / n)]
+    if not missing:
         print(f"# reusing {preset} models in {models}")
         return
-    print(f"# making {preset} models in {models} (superswallow tiny --preset {preset}) ...", flush=True)
+    print(f"# making {preset} models {missing} in {models} (superswallow tiny --preset {preset}) ...", flush=True)
     t = time.perf_counter()
-    subprocess.run([cli_path(), "tiny", str(models), "--preset", preset], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([cli_path(), "tiny", str(models), "--preset", preset, *(a for n in missing for a in ("--model", n))],
+                   check=True, stdout=subprocess.DEVNULL)
     print(f"# made in {time.perf_counter() - t:.1f} s")
+
+
+def config_models(cfg: Path) -> set[str]:
+    """The ``models/<name>`` folders a config refers to."""
+    return set(re.findall(r"(?<![\w/.])models/([\w.-]+)", cfg.read_text(encoding="utf-8")))
 
 
 def weight_bytes(d: Path) -> int:
@@ -264,7 +275,7 @@ def run_job(job: Job, workdir: Path, pretouch_bytes: int = 0, cold: bool = False
 # ------------------------------------------------------------------ jobs
 
 
-def build_jobs(args, work: Path, models: Path, tiny: Path | None) -> list[Job]:
+def build_jobs(args, work: Path, models: Path, tiny: Path | None, recipes: dict[str, Path]) -> list[Job]:
     py, cli = venv_python(), cli_path()
     sw, tu = models / "swallow", models / "tulu"
     only = set(args.only)
@@ -273,7 +284,7 @@ def build_jobs(args, work: Path, models: Path, tiny: Path | None) -> list[Job]:
         out = work / "floor.safetensors"
         jobs.append(Job("io-floor", "floor", [py, str(BENCH / "io_floor.py"), str(sw), str(tu), str(out)], out=out))
     floor = "io-floor" if "floor" in only else None
-    cfgs = {r: rewrite_config(src, models, work / f"{r}.yaml") for r, src in RECIPES.items() if r in args.recipes}
+    cfgs = {r: rewrite_config(src, models, work / f"{r}.yaml") for r, src in recipes.items()}
     for r, cfg in cfgs.items():
         if "ours" in only:
             out = work / f"out-ours-{r}"
@@ -327,7 +338,8 @@ def fmt(x, spec=".2f", none="-"):
 
 
 def report(jobs: list[Job]) -> None:
-    order = ["floor", *RECIPES, "startup"]
+    sections = list(dict.fromkeys(j.section for j in jobs))
+    order = ["floor", *RECIPES, *(x for x in sections if x not in ("floor", "startup", *RECIPES)), "startup"]
     jobs = sorted(jobs, key=lambda j: order.index(j.section) if j.section in order else len(order))
     medians = {j.name: med([r.wall for r in j.runs if r.ok]) for j in jobs}
     w = max(len(j.name) for j in jobs) + 2
@@ -354,7 +366,7 @@ def report(jobs: list[Job]) -> None:
 
     # mergekit vs ours
     lines = []
-    for r in RECIPES:
+    for r in dict.fromkeys(j.section for j in jobs):
         mk, ours = medians.get(f"mergekit {r}"), medians.get(f"ours {r} (CLI)")
         if mk and ours:
             lines.append(f"  {r}: mergekit {mk:.2f} s / ours (CLI) {ours:.2f} s = {mk / ours:.1f}x faster")
@@ -417,14 +429,21 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {','.join(GROUPS)}")
     ap.add_argument("--pretouch-gb", type=float, default=4.0,
                     help="touch and free this much memory before each timed command (0: off; see pretouch())")
-    ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {','.join(RECIPES)}")
+    ap.add_argument("--recipes", default=None,
+                    help=f"comma list of {','.join(RECIPES)} (default: both, or none when --configs is given)")
+    ap.add_argument("--configs", nargs="*", type=Path, default=[],
+                    help="more configs to time, named by file stem (e.g. configs/examples/*.yaml); their "
+                         "models/<name> paths point into --models, where missing 1.3gb models are made")
     ap.add_argument("--keep", action="store_true", help="keep the outputs of the last round")
     ap.add_argument("--cold", action="store_true",
                     help="empty the page cache before each timed merge (root): inputs come from the disk, "
                          "as they do for a 70B merge that does not fit in memory")
     args = ap.parse_args()
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
-    args.recipes = [x.strip() for x in args.recipes.split(",") if x.strip()]
+    if args.recipes is None:
+        args.recipes = [] if args.configs else list(RECIPES)
+    else:
+        args.recipes = [x.strip() for x in args.recipes.split(",") if x.strip()]
     if set(args.recipes) - set(RECIPES):
         ap.error(f"--recipes: unknown {sorted(set(args.recipes) - set(RECIPES))} (choose from {','.join(RECIPES)})")
     bad = set(args.only) - set(GROUPS)
@@ -445,29 +464,37 @@ def main() -> None:
     print("# machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"# load average at start: {loadavg()}")
 
+    recipes = {r: RECIPES[r] for r in args.recipes}
+    for c in args.configs:
+        if not c.is_file():
+            raise SystemExit(f"--configs: {c}: not found")
+        if c.stem in recipes:
+            raise SystemExit(f"--configs: two recipes named {c.stem!r}")
+        recipes[c.stem] = c
     models = args.models.resolve()
-    ensure_models(models, "1.3gb", ("swallow", "tulu"))
+    needed = {"swallow", "tulu"}.union(*(config_models(c) for c in recipes.values()))
+    ensure_models(models, "1.3gb", tuple(sorted(needed)))
     tiny = None
     if "startup" in args.only:
         tiny = models / "tiny"
         ensure_models(tiny, "tiny", ("swallow", "tulu"))
-    sw, tu = models / "swallow", models / "tulu"
-    print(f"# inputs: swallow {weight_bytes(sw) / 1e9:.3f} GB, tulu {weight_bytes(tu) / 1e9:.3f} GB")
+    inputs = [models / n for n in sorted(needed)]
+    print("# inputs: " + ", ".join(f"{d.name} {weight_bytes(d) / 1e9:.3f} GB" for d in inputs))
 
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="ssj-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    jobs = build_jobs(args, work, models, tiny)
+    jobs = build_jobs(args, work, models, tiny, recipes)
     if args.mergekit is None and "mergekit" in args.only:
         print("# mergekit: skipped (no --mergekit PATH)")
     print(f"# {len(jobs)} measurements x {args.repeat} repeats, round-robin; work dir {work}")
-    print(f"# warm-up read of both inputs: {warm([sw, tu]):.2f} s" + ("; --cold: page cache emptied before each merge" if args.cold else ""), flush=True)
+    print(f"# warm-up read of the inputs: {warm(inputs):.2f} s" + ("; --cold: page cache emptied before each merge" if args.cold else ""), flush=True)
 
     try:
         for rep in range(args.repeat):
             if not args.cold:
-                warm([sw, tu])
+                warm(inputs)
             for j in jobs:
-                cached = cached_fraction([sw, tu]) if j.group != "startup" and not args.cold else None
+                cached = cached_fraction(inputs) if j.group != "startup" and not args.cold else None
                 r = run_job(j, work, int(args.pretouch_gb * 2**30), args.cold)
                 j.runs.append(r)
                 status = "ok" if r.ok else "FAILED"

@@ -170,13 +170,14 @@ def tiny(
     out: Path = typer.Argument(Path("models"), help="folder for the tiny models"),
     preset: str = typer.Option("tiny", help="tiny (seconds) or 1.3gb (a ~1.3 GB pair for speed/memory work)"),
     seed: int = typer.Option(0, help="generator seed"),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="only this model (repeatable; default: all four for tiny, swallow and tulu for 1.3gb)"),
 ) -> None:
     """Make tiny Llama-shaped checkpoints (llama, swallow, tulu, hermes) locally."""
     from superswallow_jax.errors import SuperswallowError
     from superswallow_jax.tiny import make_tiny_models
 
     try:
-        made = make_tiny_models(out, preset=preset, seed=seed, progress=lambda msg: typer.echo(msg))
+        made = make_tiny_models(out, preset=preset, seed=seed, progress=lambda msg: typer.echo(msg), models=model or None)
     except (SuperswallowError, OSError) as e:
         _fail(e)
         return

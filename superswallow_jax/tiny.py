@@ -65,6 +65,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from .errors import ConfigError
+
 __all__ = [
     "HERMES_ADDED_SPECIAL",
     "HERMES_EXTRA_TOKENS",
@@ -768,14 +770,14 @@ def make_tiny_models(
         ``{name: folder}`` for the models built, in :data:`MODEL_NAMES` order.
     """
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
     p = PRESETS[preset]
     wanted = tuple(p.models if models is None else models)
     unknown = [m for m in wanted if m not in MODEL_NAMES]
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; expected some of {MODEL_NAMES}")
+        raise ConfigError(f"unknown model(s) {unknown}; expected some of {MODEL_NAMES}")
     say = progress or (lambda _msg: None)
     n_workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
     out_dir = Path(out_dir)

@@ -364,12 +364,37 @@ def test_regenerate_in_place_and_refuse_foreign_folder(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(ValueError):
+    from superswallow_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError):
         make_tiny_models(tmp_path, preset="huge")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         make_tiny_models(tmp_path, seed=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         make_tiny_models(tmp_path, models=["mistral"])
+
+
+@pytest.mark.parametrize("args, needle", [(["--preset", "huge"], "unknown preset 'huge'"),
+                                          (["--model", "mistral"], "unknown model(s) ['mistral']")])
+def test_cli_bad_arguments_are_one_line_errors(tmp_path, args, needle):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    res = CliRunner().invoke(app, ["tiny", str(tmp_path / "m"), *args])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+
+
+def test_cli_builds_only_the_models_asked_for(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    res = CliRunner().invoke(app, ["tiny", str(tmp_path / "m"), "--model", "hermes", "--model", "llama"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["hermes", "llama"]
 
 
 # ---------------------------------------------------------------- optional oracle
