@@ -20,7 +20,6 @@ defaults. Elsewhere than glibc (musl, macOS) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 #: mallopt parameters (glibc's malloc.h).
@@ -33,9 +32,13 @@ TRIM_THRESHOLD = 512 << 20
 
 
 def _glibc():
-    """glibc's C library handle, or None elsewhere."""
+    """glibc's C library handle, or None elsewhere.
+
+    The process's own symbols (``CDLL(None)``) include the C library it runs
+    on; ``ctypes.util.find_library`` would start ``ldconfig`` at every start-up.
+    """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # only glibc has it
         libc.mallopt
     except (OSError, AttributeError):

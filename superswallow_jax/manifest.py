@@ -83,11 +83,8 @@ def folder_digests(model_dir: Path, select: Callable[[str], bool] | None = None,
     try:
         names = [n for n in sorted(ck.tensors) if select is None or select(n)]
         n_workers = max(1, min(workers or hash_workers(), len(names) or 1))
-        if n_workers == 1:
-            shas = [_tensor_sha256(ck, n) for n in names]
-        else:
-            with ThreadPoolExecutor(n_workers, thread_name_prefix="superswallow-hash") as pool:
-                shas = list(pool.map(lambda n: _tensor_sha256(ck, n), names))
+        with ThreadPoolExecutor(n_workers, thread_name_prefix="superswallow-hash") as pool:
+            shas = list(pool.map(lambda n: _tensor_sha256(ck, n), names))
         return {n: TensorDigest(n, ck.tensors[n].dtype, ck.tensors[n].shape, sha) for n, sha in zip(names, shas)}
     finally:
         ck.close()

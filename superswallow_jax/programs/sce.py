@@ -74,9 +74,14 @@ def prepare_sce(ctx: StepContext):
         ctx.release(a, b)
         return [np.asarray(t)[: b - a] for t in deltas], [np.asarray(s)[: b - a] for s in sqs]
 
+    last_squares: dict[int, list[np.ndarray]] = {}  # the chunk var_of saw last: visit reuses its squares
+
     def var_of(a: int, b: int) -> np.ndarray:
         """float32[b - a]: the donors' per-entry variance (dtype-``work`` values)."""
-        return sce_m.variance(taus(a, b)[0], work)
+        deltas, sqs = taus(a, b)
+        last_squares.clear()
+        last_squares[a] = sqs
+        return sce_m.variance(deltas, work)
 
     blocks: list[list[float]] = [[] for _ in range(k)]
     sel = None
@@ -90,7 +95,8 @@ def prepare_sce(ctx: StepContext):
             return [sp.abs_bits(ctx.cache.get(("var", a), lambda: var_of(a, b)), work)]
 
         def visit(a: int, b: int, keeps) -> None:
-            for i, sq in enumerate(taus(a, b)[1]):
+            sqs = last_squares.pop(a, None)  # computed by keys() just now unless the variance was kept
+            for i, sq in enumerate(sqs if sqs is not None else taus(a, b)[1]):
                 blocks[i] += sp.block_l1(sq * keeps[0])
 
         sel = select_ranges(
