@@ -19,13 +19,19 @@ first line), so they include interpreter start-up:
 
 It uses the persistent compilation cache and the malloc thresholds as the CLI
 does (``SUPERSWALLOW_CACHE=off`` to measure cold compiles,
-``SUPERSWALLOW_MALLOC=off`` for glibc's default thresholds). It also prints the JAX backend and, where the backend reports it (GPU, TPU),
+``SUPERSWALLOW_MALLOC=off`` for glibc's default thresholds), and, as the CLI
+does, keeps the garbage collector off until its imports are done
+(``--gc-default`` to keep it on). It also prints the JAX backend and, where the backend reports it (GPU, TPU),
 the first device's peak memory in use (``device_peak_bytes``).
 """
 
 import time
 
 _T_START = time.time()
+
+import gc  # noqa: E402
+
+gc.disable()  # as the CLI does, until the imports are done (--gc-default: the collector stays on)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -47,7 +53,11 @@ def main() -> None:
     ap.add_argument("--chunk-elems", type=int, default=None)
     ap.add_argument("--pass-cache-mb", type=int, default=None)
     ap.add_argument("--t0", type=float, default=None)
+    ap.add_argument("--gc-default", action="store_true",
+                    help="keep the garbage collector on during start-up (the CLI turns it off until its imports are done)")
     args = ap.parse_args()
+    if args.gc_default:
+        gc.enable()
     t0 = args.t0 if args.t0 is not None else _T_START
     marks: dict[str, float] = {"python_up": _T_START - t0}
 
@@ -56,6 +66,9 @@ def main() -> None:
     from superswallow_jax.config import load_config
     from superswallow_jax.merge import run_merge
 
+    if not gc.isenabled():  # as the CLI's _imports_done
+        gc.freeze()
+        gc.enable()
     tune_malloc()  # as the CLI does (SUPERSWALLOW_MALLOC=off: glibc's defaults)
     enable_persistent_cache()
 
