@@ -9,6 +9,7 @@ file (and the tensor, where one is at fault), never any other exception.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -248,6 +249,25 @@ def test_read_into_file_truncated_after_header_read(tmp_path):
     f.close()
 
 
+def _uncached_preadv(monkeypatch, short: int | None = None):
+    """Make ``os.preadv`` behave as if the file were not in the page cache: a
+    ``RWF_NOWAIT`` read fails with EAGAIN (after one short read of ``short``
+    bytes, if given); ordinary reads work. Returns the list of flags seen."""
+    real = os.preadv
+    seen = []
+
+    def fake(fd, buffers, offset, flags=0):
+        seen.append(flags)
+        if flags:
+            if short is not None and len(seen) == 1:
+                return real(fd, [memoryview(buffers[0])[:short]], offset)
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", fake)
+    return seen
+
+
 def test_prefetch_hints_the_tensor_range_only(tmp_path, monkeypatch):
     path = tmp_path / "p.safetensors"
     save_file({"a": _rand((100,), np.float32, 3), "b": _rand((50,), np.float16, 4)}, str(path))
@@ -255,9 +275,77 @@ def test_prefetch_hints_the_tensor_range_only(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)), raising=False)
     b = f.header.tensors["b"]
+    _uncached_preadv(monkeypatch)
+    f.read_into(f.header.tensors["a"], 0, np.empty(8, np.uint8))  # finds the file outside the page cache
     f.prefetch(b, 10, 1000)  # clipped to the tensor
     f.prefetch(b, 100, 100)  # empty: no call
     assert calls == [(b.begin + 10, b.nbytes - 10, os.POSIX_FADV_WILLNEED)]
+    f.close()
+
+
+@pytest.mark.skipif(not getattr(os, "RWF_NOWAIT", 0), reason="no RWF_NOWAIT on this platform")
+def test_prefetch_skipped_while_reads_hit_the_page_cache(tmp_path, monkeypatch):
+    path = tmp_path / "p.safetensors"
+    data = _rand((4096,), np.float32, 5)
+    save_file({"w": data}, str(path))  # just written: in the page cache
+    f = SafetensorsFile(path)
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a), raising=False)
+    w = f.header.tensors["w"]
+    out = np.empty(w.nbytes, np.uint8)
+    f.read_into(w, 0, out)
+    assert out.tobytes() == data.tobytes()
+    f.prefetch(w, 0, w.nbytes)
+    assert calls == []
+    f.close()
+
+
+@pytest.mark.parametrize("short", [None, 5])
+def test_read_into_falls_back_when_not_cached(tmp_path, monkeypatch, short):
+    """EAGAIN from a RWF_NOWAIT read (possibly after a short read): the rest is
+    read the ordinary way, exactly, and read-ahead hints start."""
+    path = tmp_path / "c.safetensors"
+    data = _rand((1000,), np.float32, 6)
+    save_file({"w": data}, str(path))
+    f = SafetensorsFile(path)
+    seen = _uncached_preadv(monkeypatch, short)
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a), raising=False)
+    w = f.header.tensors["w"]
+    for _ in range(2):
+        out = np.full(w.nbytes - 8, 0xAB, np.uint8)
+        f.read_into(w, 8, out)
+        assert out.tobytes() == data.tobytes()[8:]
+    if getattr(os, "RWF_NOWAIT", 0):
+        assert seen[: 2 if short is None else 3] == [os.RWF_NOWAIT] * (1 if short is None else 2) + [0]
+    assert all(flag == 0 for flag in seen[-2:])  # once cold, always the ordinary read
+    f.prefetch(w, 0, 100)
+    assert len(calls) == 1
+    f.close()
+
+
+def test_read_into_without_nowait_support(tmp_path, monkeypatch):
+    """A file system that rejects RWF_NOWAIT (EOPNOTSUPP): ordinary reads, hints as before."""
+    path = tmp_path / "n.safetensors"
+    data = _rand((300,), np.float32, 7)
+    save_file({"w": data}, str(path))
+    f = SafetensorsFile(path)
+    real = os.preadv
+
+    def fake(fd, buffers, offset, flags=0):
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", fake)
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a), raising=False)
+    w = f.header.tensors["w"]
+    out = np.empty(w.nbytes, np.uint8)
+    f.read_into(w, 0, out)
+    assert out.tobytes() == data.tobytes()
+    f.prefetch(w, 0, 100)
+    assert len(calls) == 1
     f.close()
 
 

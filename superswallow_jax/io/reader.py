@@ -24,6 +24,7 @@ headers agree.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -37,6 +38,9 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import SafetensorsError
+
+#: ``preadv2`` flag: fail with EAGAIN rather than wait for the disk (Linux >= 4.14); 0 where absent.
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "preadv") else 0
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -198,6 +202,9 @@ class SafetensorsFile:
         self._map: np.memmap | None = None
         self._fd: int | None = None
         self._open_lock = threading.Lock()
+        # Set once a read finds bytes outside the page cache (or where that
+        # cannot be asked): only then are read-ahead hints worth their cost.
+        self._cold = _RWF_NOWAIT == 0
 
     def _mapping(self) -> np.memmap:
         if self._map is None:
@@ -225,8 +232,11 @@ class SafetensorsFile:
 
         ``out``: a writable, C-contiguous array (any dtype); filled with
         ``pread`` (the GIL is released while the kernel copies), so no page of
-        the file is mapped into this process. Raises SafetensorsError if the
-        range is outside the tensor or the file is shorter than its header says.
+        the file is mapped into this process. Until a read has found bytes
+        outside the page cache it asks with ``RWF_NOWAIT`` first (which tells
+        :meth:`prefetch` whether hints are worth sending). Raises
+        SafetensorsError if the range is outside the tensor or the file is
+        shorter than its header says.
         """
         n = out.nbytes
         if begin < 0 or begin + n > info.nbytes:
@@ -236,8 +246,17 @@ class SafetensorsFile:
         pos, done = info.begin + begin, 0
         while done < n:
             try:
-                got = os.preadv(fd, [mv[done:]], pos + done)
+                if self._cold:
+                    got = os.preadv(fd, [mv[done:]], pos + done)
+                else:  # fails instead of waiting for the disk (a short read: part of it was cached)
+                    got = os.preadv(fd, [mv[done:]], pos + done, _RWF_NOWAIT)
+            except BlockingIOError:
+                self._cold = True  # not in the page cache: read it the ordinary way
+                continue
             except OSError as e:
+                if not self._cold and e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no RWF_NOWAIT here
+                    self._cold = True
+                    continue
                 raise _fail(self.path, f"read error in tensor {info.name}: {e.strerror or e}") from None
             if got <= 0:
                 raise _fail(self.path, f"truncated while reading tensor {info.name} (file changed?)")
@@ -286,9 +305,14 @@ class SafetensorsFile:
         ``posix_fadvise(WILLNEED)`` queues the reads and returns, so the disk
         works on the next chunks while this one is merged (cold inputs: a 70B
         model is far larger than the page cache). A hint only: errors are ignored.
+
+        It does nothing until a read of this file has found bytes outside the
+        page cache (:meth:`read_into` asks with ``RWF_NOWAIT``): for cached
+        files the kernel would walk every page of the range for nothing, about
+        17 ns a page (45 ms for a 1.3 GB merge's 2.6 GB of inputs).
         """
         lo, hi = max(0, begin), min(info.nbytes, end)
-        if hi <= lo or not hasattr(os, "posix_fadvise"):
+        if not self._cold or hi <= lo or not hasattr(os, "posix_fadvise"):
             return
         try:
             os.posix_fadvise(self._descriptor(), info.begin + lo, hi - lo, os.POSIX_FADV_WILLNEED)
