@@ -85,7 +85,6 @@ padding means with several torch threads and ``>= 32768`` tokens.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +344,17 @@ def load_model_tokenizer(model_dir: Path, config_vocab_size: int | None) -> Mode
     )
 
 
+def _json_copy(x: Any) -> Any:
+    """A deep copy of parsed JSON (dicts, lists, scalars): about 3x faster than
+    ``copy.deepcopy``, which keeps a memo for shared and cyclic objects that
+    parsed JSON cannot have (a 43K-token tokenizer.json: 16 -> 5 ms)."""
+    if type(x) is dict:
+        return {k: _json_copy(v) for k, v in x.items()}
+    if type(x) is list:
+        return [_json_copy(v) for v in x]
+    return x
+
+
 def _merge_parts(m: Any) -> tuple[str, str] | None:
     if isinstance(m, str):
         parts = m.split(" ")
@@ -357,7 +367,7 @@ def _merge_parts(m: Any) -> tuple[str, str] | None:
 def _strip(mt: ModelTokenizer) -> tuple[_Vocab, dict]:
     """The base's stripped state and tokenizer.json (new objects)."""
     state = mt._state()
-    tj = copy.deepcopy(mt.tokenizer_json)
+    tj = _json_copy(mt.tokenizer_json)
     size = mt.config_vocab_size if mt.config_vocab_size is not None else len(mt.vocab)
     unused = {t for t, i in mt.vocab.items() if i >= size}
     if not unused:
@@ -537,7 +547,7 @@ def build_output_tokenizer(
     models = [base, *others]
     if source in ("base", "union"):
         state, tj = _strip(base)
-        cfg, stm = copy.deepcopy(base.tokenizer_config), copy.deepcopy(base.special_tokens_map)
+        cfg, stm = _json_copy(base.tokenizer_config), _json_copy(base.special_tokens_map)
         owner = base
         if source == "union":
             stripped_base = state.copy()
@@ -568,8 +578,8 @@ def build_output_tokenizer(
             raise TokenizerError(f"tokenizer source: {source!r} is not one of the merged models")
         owner = models[list(model_keys).index(source)]
         state = owner._state()
-        tj = copy.deepcopy(owner.tokenizer_json)
-        cfg, stm = copy.deepcopy(owner.tokenizer_config), copy.deepcopy(owner.special_tokens_map)
+        tj = _json_copy(owner.tokenizer_json)
+        cfg, stm = _json_copy(owner.tokenizer_config), _json_copy(owner.special_tokens_map)
     present = state.get_vocab()
     for tok in overrides:
         if tok not in present:
@@ -605,7 +615,7 @@ def write_tokenizer(out_dir: Path, tok: OutputTokenizer, chat_template: str | No
     when given) and ``special_tokens_map.json`` (only if the source had one)
     into ``out_dir``. Returns the written paths. ``tok`` is not modified."""
     out_dir = Path(out_dir)
-    cfg = copy.deepcopy(tok.tokenizer_config) if tok.tokenizer_config is not None else {}
+    cfg = _json_copy(tok.tokenizer_config) if tok.tokenizer_config is not None else {}
     if chat_template is not None:
         cfg["chat_template"] = chat_template
     files = [("tokenizer.json", tok.tokenizer_json), ("tokenizer_config.json", cfg)]
