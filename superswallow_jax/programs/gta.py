@@ -60,7 +60,7 @@ class KernelSig:
 class _Sparse(NamedTuple):
     """Per-donor sparsifier arguments of a chunk kernel (arrays of length ``k``; a pytree)."""
 
-    keys: np.ndarray  # uint32[k, 2]
+    keys: np.ndarray  # uint32[k, 2]: PRNG key data of donors that draw masks (random, della); zeros for the others
     ps: np.ndarray  # random: keep probability
     factors: np.ndarray  # L1 rescale factors
     thresholds: np.ndarray  # magnitude: threshold; magnitude_outliers: magnitude at the range start
@@ -275,7 +275,10 @@ def _gta_setup(ctx: StepContext) -> _GtaArgs:
     )
     k = len(donors)
     weights = np.array([_round(step.sources[i].params["weight"], step.work_dtype) for i in donors], np.float32)
-    keys = np.stack([prng.tensor_key_data(seed, step.name, step.sources[i].model) for i in donors]) if k else np.zeros((0, 2), np.uint32)
+    keys = np.zeros((k, 2), np.uint32)
+    for j, (i, kind) in enumerate(zip(donors, kinds)):
+        if kind in ("random", "della"):  # the kinds that draw masks; the others never read their key
+            keys[j] = prng.tensor_key_data(seed, step.name, step.sources[i].model)
     rw = _work_of(sig, "random")  # = della's work dtype
     dens = [float(step.sources[i].params.get("density", 1.0)) for i in donors]
     eps = [float(step.sources[i].params.get("epsilon") or 0.0) for i in donors]
