@@ -15,7 +15,6 @@ Tensors follow each other without gaps, as the format requires.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import json
 import math
@@ -40,7 +39,8 @@ def _sync_file_range():
     if not os.uname().sysname == "Linux":  # pragma: no cover
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # the process's own symbols include its C library; find_library would start ldconfig at import
+        libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.sync_file_range
     except (OSError, AttributeError):  # pragma: no cover
         return None
