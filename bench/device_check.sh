@@ -8,9 +8,10 @@
 #    CPU_TOO=1 also on the CPU backend of the same machine, compared tensor by
 #    tensor. Compare with another machine's run (e.g. a CPU laptop) with
 #    `scripts/backend_digests.py compare A.json B.json`.
-# 2. Throughput on the ~1.3 GB pair: the I/O floor (bench/io_floor.py) and
-#    merges through bench/merge_probe.py (phase times, device peak memory),
-#    round-robin, REPEAT times.
+# 2. Throughput on the ~1.3 GB pair: host<->device copy bandwidth
+#    (bench/h2d.py), the I/O floor (bench/io_floor.py) and merges through
+#    bench/merge_probe.py (phase times, CPU seconds per thread, device peak
+#    memory), round-robin, REPEAT times.
 # Knobs (environment): TINY_CONFIGS, BIG_CONFIGS (space-separated paths),
 # REPEAT (default 2), CPU_TOO (default 0), STEPS (default "digests throughput").
 # Results go to $OUT (JSON per step, log.txt). Needs the runtime dependencies
@@ -50,6 +51,8 @@ throughput() {
   sed "s#models/#$W/big/#g" configs/superswallow-tiny.yaml >"$W/ss.yaml"
   sed "s#models/#$W/big/#g" configs/examples/dare-ties-d05.yaml >"$W/dare.yaml"
   cat "$W"/big/*/*.safetensors >/dev/null
+  echo "== host<->device copies (bench/h2d.py; the loop moves 2.7 GB in and 1.35 GB out)"
+  $PY bench/h2d.py
   for i in $(seq "$REPEAT"); do
     rm -rf "$W/o"; sync
     echo "floor $($PY bench/io_floor.py "$W/big/swallow" "$W/big/tulu" "$W/floor.bin")"

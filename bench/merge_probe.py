@@ -17,6 +17,11 @@ first line), so they include interpreter start-up:
 * ``loop_done``: the last chunk was dispatched (streaming phase over);
 * ``done``: ``run_merge`` returned (digests, manifest, fsync, renames).
 
+``cpu_s`` gives the CPU seconds that ``run_merge`` took: on the main thread
+(plan, reads, dispatch), on the writer thread (waiting for results, ``pwrite``,
+sha256) and in the whole process (XLA's threads too). A thread whose CPU time
+is close to the streaming phase's wall time bounds the loop.
+
 It uses the persistent compilation cache and the malloc thresholds as the CLI
 does (``SUPERSWALLOW_CACHE=off`` to measure cold compiles,
 ``SUPERSWALLOW_MALLOC=off`` for glibc's default thresholds), and, as the CLI
@@ -79,6 +84,20 @@ def main() -> None:
         mf.StreamHasher.feed = lambda self, name, offset, data: None
         mf.file_sha256 = lambda path: "0" * 64
     state = {"first": None, "last": None, "bytes": 0}
+    # CPU seconds of the writer thread(s) (each merge has one), to tell which
+    # thread bounds the streaming loop where cores are to spare (GPU hosts).
+    from superswallow_jax import execute
+
+    writer_cpu: list[float] = []
+    sink_run = execute._Sink._run
+
+    def timed_run(self, _run=sink_run):
+        try:
+            _run(self)
+        finally:
+            writer_cpu.append(time.thread_time())
+
+    execute._Sink._run = timed_run
 
     def on_plan(_plan):
         marks["planned"] = time.time() - t0
@@ -90,6 +109,7 @@ def main() -> None:
         state["last"] = now
         state["bytes"] += n
 
+    main_cpu0, proc_cpu0 = time.thread_time(), time.process_time()
     res = run_merge(
         load_config(args.config), args.out, force=True, chunk_elems=args.chunk_elems,
         pass_cache_bytes=None if args.pass_cache_mb is None else args.pass_cache_mb << 20,
@@ -98,12 +118,14 @@ def main() -> None:
     marks["first_chunk"] = state["first"]
     marks["loop_done"] = state["last"]
     marks["done"] = time.time() - t0
+    cpu = {"main": time.thread_time() - main_cpu0, "writer": sum(writer_cpu), "process": time.process_time() - proc_cpu0}
     import jax
 
     stats = jax.local_devices()[0].memory_stats() or {}  # None on some backends
     print(json.dumps({
         "backend": jax.default_backend(), "device_peak_bytes": stats.get("peak_bytes_in_use"),
         "marks": {k: (round(v, 4) if v is not None else None) for k, v in marks.items()},
+        "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
         "tensors": res.tensors, "bytes_written": res.bytes_written, "input_bytes": state["bytes"],
     }))
 
