@@ -283,15 +283,20 @@ def test_prefetch_hints_the_tensor_range_only(tmp_path, monkeypatch):
     f.close()
 
 
-@pytest.mark.skipif(not getattr(os, "RWF_NOWAIT", 0), reason="no RWF_NOWAIT on this platform")
-def test_prefetch_skipped_while_reads_hit_the_page_cache(tmp_path, monkeypatch):
-    path = tmp_path / "p.safetensors"
-    data = _rand((4096,), np.float32, 5)
+def _hinted_file(tmp_path, monkeypatch, n: int, seed: int):
+    """A just-written one-tensor file ``w`` (float32[n]) and the list its read-ahead hints go to."""
+    path = tmp_path / f"h{seed}.safetensors"
+    data = _rand((n,), np.float32, seed)
     save_file({"w": data}, str(path))  # just written: in the page cache
-    f = SafetensorsFile(path)
     calls = []
     monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a), raising=False)
-    w = f.header.tensors["w"]
+    f = SafetensorsFile(path)
+    return f, f.header.tensors["w"], data, calls
+
+
+@pytest.mark.skipif(not getattr(os, "RWF_NOWAIT", 0), reason="no RWF_NOWAIT on this platform")
+def test_prefetch_skipped_while_reads_hit_the_page_cache(tmp_path, monkeypatch):
+    f, w, data, calls = _hinted_file(tmp_path, monkeypatch, 4096, 5)
     out = np.empty(w.nbytes, np.uint8)
     f.read_into(w, 0, out)
     assert out.tobytes() == data.tobytes()
@@ -304,14 +309,8 @@ def test_prefetch_skipped_while_reads_hit_the_page_cache(tmp_path, monkeypatch):
 def test_read_into_falls_back_when_not_cached(tmp_path, monkeypatch, short):
     """EAGAIN from a RWF_NOWAIT read (possibly after a short read): the rest is
     read the ordinary way, exactly, and read-ahead hints start."""
-    path = tmp_path / "c.safetensors"
-    data = _rand((1000,), np.float32, 6)
-    save_file({"w": data}, str(path))
-    f = SafetensorsFile(path)
+    f, w, data, calls = _hinted_file(tmp_path, monkeypatch, 1000, 6)
     seen = _uncached_preadv(monkeypatch, short)
-    calls = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a), raising=False)
-    w = f.header.tensors["w"]
     for _ in range(2):
         out = np.full(w.nbytes - 8, 0xAB, np.uint8)
         f.read_into(w, 8, out)
@@ -326,10 +325,7 @@ def test_read_into_falls_back_when_not_cached(tmp_path, monkeypatch, short):
 
 def test_read_into_without_nowait_support(tmp_path, monkeypatch):
     """A file system that rejects RWF_NOWAIT (EOPNOTSUPP): ordinary reads, hints as before."""
-    path = tmp_path / "n.safetensors"
-    data = _rand((300,), np.float32, 7)
-    save_file({"w": data}, str(path))
-    f = SafetensorsFile(path)
+    f, w, data, calls = _hinted_file(tmp_path, monkeypatch, 300, 7)
     real = os.preadv
 
     def fake(fd, buffers, offset, flags=0):
@@ -338,9 +334,6 @@ def test_read_into_without_nowait_support(tmp_path, monkeypatch):
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", fake)
-    calls = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a), raising=False)
-    w = f.header.tensors["w"]
     out = np.empty(w.nbytes, np.uint8)
     f.read_into(w, 0, out)
     assert out.tobytes() == data.tobytes()
