@@ -307,6 +307,24 @@ def test_lane_sums_of_several_vectors_at_once_equal_each_alone():
         assert np.array_equal(np.sqrt(acc.sums()[:, 0]), np.array([ref.torch_norm32(x) for x in xs], np.float32))
 
 
+@pytest.mark.parametrize("rows,width", [(8192, 8), (12_500, 24), (20_001, 16), (5, 8), (0, 8)])
+def test_lane_chain_adds_each_column_in_row_order(rows, width, monkeypatch):
+    """The XLA:CPU scan (long chains, zero-padded to a power of two) and the NumPy
+    reduction (short chains, or no CPU backend) both equal a sequential float32 loop."""
+    rng = np.random.default_rng(rows + width)
+    sq = (rng.standard_normal((rows, width)) * np.exp(rng.uniform(-8, 8, (rows, width)))).astype(np.float32) ** 2
+    acc = (rng.standard_normal(width).astype(np.float32) ** 2) * np.float32(rows)
+    want = np.add.accumulate(np.concatenate([acc[None], sq]), axis=0, dtype=np.float32)[-1]
+    before = sq.copy(), acc.copy()
+    got = vecsum.lane_chain(acc, sq)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(sq, before[0]) and np.array_equal(acc, before[1])  # arguments untouched
+    if rows >= vecsum.CHAIN_MIN_ROWS:
+        assert vecsum._chain_program() is not None  # the scan ran
+        monkeypatch.setattr(vecsum, "_chain_program", lambda: None)  # a JAX without a CPU backend
+        assert np.array_equal(vecsum.lane_chain(acc, sq).view(np.uint32), want.view(np.uint32))
+
+
 def test_fma32_is_correctly_rounded():
     from fractions import Fraction
 
