@@ -325,6 +325,33 @@ def test_lane_chain_adds_each_column_in_row_order(rows, width, monkeypatch):
         assert np.array_equal(vecsum.lane_chain(acc, sq).view(np.uint32), want.view(np.uint32))
 
 
+def test_statistics_pass_dispatches_ahead_and_consumes_in_order():
+    """Chunk k + 1's computation starts before chunk k is reduced; the host sees chunks in order."""
+    from superswallow_jax.programs.geometric import _each_chunk
+
+    log = []
+
+    class Ctx:
+        def chunks(self):
+            return iter([(0, 4), (4, 8), (8, 10)])
+
+        def inputs(self, a, b):
+            log.append(("read", a))
+            return [a]
+
+        def release(self, a, b):
+            log.append(("release", a))
+
+    _each_chunk(Ctx(), lambda a, b, xs: log.append(("dispatch", a)) or xs[0] * 10,
+                lambda a, b, out: log.append(("consume", a, out)))
+    assert log == [
+        ("read", 0), ("dispatch", 0),
+        ("read", 4), ("dispatch", 4), ("consume", 0, 0), ("release", 0),
+        ("read", 8), ("dispatch", 8), ("consume", 4, 40), ("release", 4),
+        ("consume", 8, 80), ("release", 8),
+    ]
+
+
 def test_fma32_is_correctly_rounded():
     from fractions import Fraction
 

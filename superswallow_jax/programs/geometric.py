@@ -51,11 +51,27 @@ def _non_base(step: Step) -> list[int]:
     return [i for i in range(len(step.sources)) if i != step.base]
 
 
-def _each_chunk(ctx: StepContext, fn: Callable[[int, int, list[np.ndarray]], None]) -> None:
-    """A statistics pass: ``fn(a, b, inputs)`` for every chunk, in order."""
+def _each_chunk(ctx: StepContext, dispatch: Callable[[int, int, list], object],
+                consume: Callable[[int, int, object], None]) -> None:
+    """A statistics pass: ``consume(a, b, dispatch(a, b, inputs))`` for every chunk, in order.
+
+    ``dispatch`` starts the chunk's device computation (JAX returns at once);
+    ``consume`` waits for its values and folds them into host accumulators.
+    Chunk k + 1 is dispatched before chunk k is consumed, so XLA computes the
+    next chunk while the host reduces this one; ``consume`` still sees the
+    chunks in order, so every sum is the same. ``dispatch`` must not depend
+    on what ``consume`` accumulates within the pass.
+    """
+    pending = None
     for a, b in ctx.chunks():
-        fn(a, b, ctx.inputs(a, b))
-        ctx.release(a, b)
+        out = dispatch(a, b, ctx.inputs(a, b))
+        if pending is not None:
+            consume(*pending)
+            ctx.release(*pending[:2])
+        pending = (a, b, out)
+    if pending is not None:
+        consume(*pending)
+        ctx.release(*pending[:2])
 
 
 def _host(x, n: int) -> np.ndarray:
@@ -180,11 +196,7 @@ def prepare_slerp(ctx: StepContext):
 
     sq = LaneSumSq(step.numel, 2, SLERP_PART)
 
-    def norms_pass(a, b, xs):
-        r = rk(xs)
-        sq.add(a, b, [r[i0], r[i1]])
-
-    _each_chunk(ctx, norms_pass)
+    _each_chunk(ctx, lambda a, b, xs: (lambda r: [r[i0], r[i1]])(rk(xs)), sq.add)
     parts = sq.sums()
     ns = []
     for j in range(2):
@@ -192,7 +204,7 @@ def prepare_slerp(ctx: StepContext):
         ns.append(n if n > F32(1e-8) else F32(1.0))
 
     dots = VectorSums(lay, 1)
-    _each_chunk(ctx, lambda a, b, xs: dots.add(a, b, [_host(dot_k(xs, ns[0], ns[1]), b - a)]))
+    _each_chunk(ctx, lambda a, b, xs: dot_k(xs, ns[0], ns[1]), lambda a, b, d: dots.add(a, b, [_host(d, b - a)]))
     dot = seq_sum32(F32(s) for s in dots.part_totals(SLERP_PART)[0])
     c0, c1 = slerp_coefficients(clamp(dot, -1.0, 1.0), t)
     return lambda xs, a, b: out_k(xs, c0, c1)
@@ -256,12 +268,12 @@ def prepare_nuslerp(ctx: StepContext):
     vk, dk, ok = _nuslerp_kernels(work, step.out_dtype, step.base, i0, i1)
 
     sq = _NormSums(step, lay, 2, work)
-    _each_chunk(ctx, lambda a, b, xs: sq.add(a, b, vk(xs)))
+    _each_chunk(ctx, lambda a, b, xs: vk(xs), sq.add)
     floor = rnd(1e-7, work)
     nrm = np.maximum(_norms(sq.sums(), work), floor)
 
     dots = VectorSums(lay, 1)
-    _each_chunk(ctx, lambda a, b, xs: dots.add(a, b, [_host(dk(xs, *_pers(lay, nrm, a, b, n)), b - a)]))
+    _each_chunk(ctx, lambda a, b, xs: dk(xs, *_pers(lay, nrm, a, b, n)), lambda a, b, d: dots.add(a, b, [_host(d, b - a)]))
     cos = np.clip(rnd_array(dots.totals()[0], work), F32(-1.0), F32(1.0))
     col, s0, s1, st = nuslerp_scalars(cos, t, work)
     t0, t1 = F32(1.0 - t), F32(t)
@@ -338,13 +350,13 @@ def prepare_multislerp(ctx: StepContext):
     lay = Layout.flat(step.shape)
 
     sq = _NormSums(step, lay, len(nb), work)
-    _each_chunk(ctx, lambda a, b, xs: sq.add(a, b, k["vecs"](xs)))
+    _each_chunk(ctx, lambda a, b, xs: k["vecs"](xs), sq.add)
     norms = _norms(sq.sums()[:, 0], work)
     eps_d = rnd(eps, work)
     nes = rnd_array(norms + eps_d, work)
 
     msq = _NormSums(step, lay, 1, work)
-    _each_chunk(ctx, lambda a, b, xs: msq.add(a, b, [k["mean"](xs, nes, w)]))
+    _each_chunk(ctx, lambda a, b, xs: [k["mean"](xs, nes, w)], msq.add)
     mn = norm(msq.sums()[0, 0], work)
     if mn < eps:
         if len(nb) == 2:
@@ -355,11 +367,11 @@ def prepare_multislerp(ctx: StepContext):
         )
 
     dsum = VectorSums(lay, len(nb))
-    _each_chunk(ctx, lambda a, b, xs: dsum.add(a, b, [_host(v, b - a) for v in k["dots"](xs, nes, w, mn)]))
+    _each_chunk(ctx, lambda a, b, xs: k["dots"](xs, nes, w, mn), lambda a, b, ds: dsum.add(a, b, [_host(v, b - a) for v in ds]))
     dots = rnd_array(dsum.totals()[:, 0], work)
 
     tsq = _NormSums(step, lay, 1, work)
-    _each_chunk(ctx, lambda a, b, xs: tsq.add(a, b, [k["tangent"](xs, nes, w, mn, dots)]))
+    _each_chunk(ctx, lambda a, b, xs: [k["tangent"](xs, nes, w, mn, dots)], tsq.add)
     tn = rnd(norm(tsq.sums()[0, 0], work) + eps_d, work)
     c = f32fn(math.cos, tn, work)
     s = rnd(f32fn(math.sin, tn, work) / tn, work)
@@ -418,7 +430,7 @@ def prepare_karcher(ctx: StepContext):
     def norms_of(kernel: Callable, k: int = 1) -> np.ndarray:
         """torch.linalg.vector_norm of the float32 vector(s) ``kernel(a, b, xs)`` returns."""
         acc = LaneSumSq(step.numel, k)
-        _each_chunk(ctx, lambda a, b, xs: acc.add(a, b, kernel(a, b, xs)))
+        _each_chunk(ctx, kernel, acc.add)
         return np.sqrt(acc.sums()[:, 0])
 
     norms = norms_of(lambda a, b, xs: rk(xs), n)
@@ -448,12 +460,12 @@ def prepare_karcher(ctx: StepContext):
         hist = kc.History(**h)
         dsum = VectorSums(lay, n)
 
-        def dots_pass(a, b, xs):
-            m, *us = k["mean"](xs, c, hist, np.int32(j))
+        def dots_of(a, b, mean_units):
+            m, *us = mean_units
             mv = _host(m, b - a)
             dsum.add(a, b, [mv * _host(u, b - a) for u in us])
 
-        _each_chunk(ctx, dots_pass)
+        _each_chunk(ctx, lambda a, b, xs, hist=hist, j=j: k["mean"](xs, c, hist, np.int32(j)), dots_of)
         sums = dsum.totals()[:, 0]
         for i in valid:
             dot = clamp(rnd(sums[i], work), -1.0, 1.0)
@@ -538,12 +550,12 @@ def prepare_model_stock(ctx: StepContext):
     sq = _NormSums(step, lay, k, work)
     dots = VectorSums(lay, k * (k - 1) // 2)
 
-    def stats_pass(a, b, xs):
-        offs, prods = sk(xs)
+    def stats_of(a, b, offs_prods):
+        offs, prods = offs_prods
         sq.add(a, b, offs)
         dots.add(a, b, [_host(p_, b - a) for p_ in prods])
 
-    _each_chunk(ctx, stats_pass)
+    _each_chunk(ctx, lambda a, b, xs: sk(xs), stats_of)
     t = model_stock_t(sq.sums(), dots.totals(), work)
     return lambda xs, a, b: ok(xs, _per(lay, t, a, b, n))
 
@@ -625,16 +637,18 @@ def prepare_arcee_fusion(ctx: StepContext):
     pers = lambda vs, a, b: _pers(lay, vs, a, b, n)  # noqa: E731
 
     mx = VectorMax(lay, 2)
-    _each_chunk(ctx, lambda a, b, xs: mx.add(a, b, list(k["ab"](xs))))
+    _each_chunk(ctx, lambda a, b, xs: k["ab"](xs), lambda a, b, ab: mx.add(a, b, list(ab)))
     max_a, max_b = (m.astype(F32) for m in mx.totals())
 
     es = VectorSums(lay, 2)
-    _each_chunk(ctx, lambda a, b, xs: es.add(a, b, [_host(e, b - a) for e in k["exps"](xs, *pers((max_a, max_b), a, b))]))
+    _each_chunk(ctx, lambda a, b, xs: k["exps"](xs, *pers((max_a, max_b), a, b)),
+                lambda a, b, exps: es.add(a, b, [_host(e, b - a) for e in exps]))
     inv_a, inv_b = (F32(1.0) / s.astype(F32) for s in es.totals())
     eps = rnd(1e-8, work)
 
     kls = VectorSums(lay, 1)
-    _each_chunk(ctx, lambda a, b, xs: kls.add(a, b, [_host(k["kl"](xs, *pers((max_a, max_b, inv_a, inv_b), a, b), eps), b - a)]))
+    _each_chunk(ctx, lambda a, b, xs: k["kl"](xs, *pers((max_a, max_b, inv_a, inv_b), a, b), eps),
+                lambda a, b, kl: kls.add(a, b, [_host(kl, b - a)]))
     kl_row = rnd_array(kls.totals()[0], work)
 
     numel = step.numel
@@ -644,14 +658,14 @@ def prepare_arcee_fusion(ctx: StepContext):
     else:
         idx = None
 
-    def imp_pass(a, b, xs):
-        v = np.asarray(k["imp"](xs, per(kl_row, a, b)))[: b - a]
+    def pick(a, b, imp):
+        v = np.asarray(imp)[: b - a]
         if idx is None:
             picked.append(v.copy())
         else:
             lo, hi = np.searchsorted(idx, [a, b])
             picked.append(v[idx[lo:hi] - a])
 
-    _each_chunk(ctx, imp_pass)
+    _each_chunk(ctx, lambda a, b, xs: k["imp"](xs, per(kl_row, a, b)), pick)
     thr = quartile_threshold(np.concatenate(picked), work)
     return lambda xs, a, b: k["res"](xs, per(kl_row, a, b), thr)
