@@ -24,3 +24,25 @@ def test_applied_on_glibc_and_idempotent():
 @pytest.mark.parametrize("value", ["off", "0", "OFF"])
 def test_switched_off(value):
     assert run(value) == ["False", "False"]
+
+
+
+def test_sets_thresholds_and_one_arena(monkeypatch):
+    """The three mallopt settings, each checked (glibc's mallopt returns 1 on success)."""
+    from types import SimpleNamespace
+
+    from superswallow_jax import malloc_tuning as mt
+
+    calls = []
+    refuse = set()
+
+    def mallopt(param, value):  # tune_malloc sets argtypes/restype on it, as on a ctypes function
+        calls.append((param, value))
+        return 0 if param in refuse else 1
+
+    monkeypatch.delenv("SUPERSWALLOW_MALLOC", raising=False)
+    monkeypatch.setattr(mt, "_glibc", lambda: SimpleNamespace(mallopt=mallopt))
+    assert mt.tune_malloc() is True
+    assert calls == [(mt.M_MMAP_THRESHOLD, 32 << 20), (mt.M_TRIM_THRESHOLD, 512 << 20), (mt.M_ARENA_MAX, 1)]
+    refuse.add(mt.M_ARENA_MAX)
+    assert mt.tune_malloc() is False  # a refused value is reported
