@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import SafetensorsError
 
 #: ``preadv2`` flag: fail with EAGAIN rather than wait for the disk (Linux >= 4.14); 0 where absent.
-_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "preadv") else 0
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 MAX_HEADER_BYTES = 100_000_000
 

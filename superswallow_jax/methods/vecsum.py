@@ -210,33 +210,30 @@ def _chain_program():
     return cpu, jax.jit(lambda acc, rows: lax.scan(lambda c, r: (c + r, None), acc, rows, unroll=8)[0])
 
 
-def lane_chain(acc: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Column sums in row order: ``(((acc + rows[0]) + rows[1]) + ...)``, every add a float32 add.
+def lane_chain(rows: np.ndarray) -> np.ndarray:
+    """Column sums in row order: ``((rows[0] + rows[1]) + rows[2]) + ...``, every add a float32 add.
 
-    acc: float32[w]; rows: float32[r, w] with every value and ``acc`` >= +0
-    (sums of squares), C-contiguous. Returns a new float32[w].
+    rows: float32[r, w], C-contiguous, every value >= +0 (sums of squares; a
+    running total goes into row 0). Returns a new float32[w] (zeros if r = 0).
 
-    NumPy's reduction over the outer axis adds in this order too, but pays
-    about 10 ns per row (1.43 ms for 1M elements as 8 lanes); a ``lax.scan``
-    on XLA:CPU takes 0.34 ms. Long chains are padded with zero rows to a
-    power of two (a few compiled shapes; ``c + 0 == c`` exactly for ``c >= +0``)
-    and run on the host's CPU device whatever the default backend, so the
-    bits are the same everywhere.
+    NumPy's reduction over the outer axis adds in this order (no pairwise
+    regrouping: that happens only along the contiguous axis; bit-equal to
+    ``np.add.accumulate(rows, axis=0)[-1]``), but pays about 10 ns per row
+    (1.43 ms for 1M elements as 8 lanes); a ``lax.scan`` on XLA:CPU takes
+    0.34 ms. Long chains are padded with zero rows to a power of two (a few
+    compiled shapes; ``c + 0 == c`` exactly for ``c >= +0``, as is ``0 + c``
+    for the scan's start) and run on the host's CPU device whatever the
+    default backend, so the bits are the same everywhere.
     """
     r, w = rows.shape
     prog = _chain_program() if r >= CHAIN_MIN_ROWS else None
     if prog is None:
-        if not r:
-            return acc.astype(np.float32)
-        # Reducing the outer axis of a C-ordered array, NumPy adds row after row into
-        # the column sums (no pairwise regrouping: that happens only along the
-        # contiguous axis). Bit-equal to np.add.accumulate(..., axis=0)[-1].
-        return np.concatenate([rows[:1] + acc, rows[1:]]).sum(axis=0, dtype=np.float32)
+        return rows.sum(axis=0, dtype=np.float32)
     cpu, fn = prog
     n = 1 << (r - 1).bit_length()
     if n != r:
         rows = np.concatenate([rows, np.zeros((n - r, w), np.float32)])
-    return np.asarray(fn(jax.device_put(acc.astype(np.float32), cpu), jax.device_put(rows, cpu)))
+    return np.asarray(fn(jax.device_put(np.zeros(w, np.float32), cpu), jax.device_put(rows, cpu)))
 
 
 class LaneSumSq:
@@ -280,8 +277,8 @@ class LaneSumSq:
                 for j, x in enumerate(xs):
                     xm = x[s - a : s - a + m].reshape(-1, LANES)
                     np.multiply(xm, xm, out=sq[:, j, :])  # float32 squares, rounded once (no FMA)
-                lanes = lane_chain(self.acc[:, p].reshape(-1), sq.reshape(-1, k * LANES))
-                self.acc[:, p] = lanes.reshape(k, LANES)
+                sq[0] += self.acc[:, p]  # the running lane sums come first in each chain
+                self.acc[:, p] = lane_chain(sq.reshape(-1, k * LANES)).reshape(k, LANES)
             if s + m < e:
                 for j, x in enumerate(xs):
                     self.tails[j][p].append(x[s - a + m : e - a])

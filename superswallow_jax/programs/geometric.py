@@ -196,7 +196,11 @@ def prepare_slerp(ctx: StepContext):
 
     sq = LaneSumSq(step.numel, 2, SLERP_PART)
 
-    _each_chunk(ctx, lambda a, b, xs: (lambda r: [r[i0], r[i1]])(rk(xs)), sq.add)
+    def pair(a, b, xs):
+        r = rk(xs)
+        return [r[i0], r[i1]]
+
+    _each_chunk(ctx, pair, sq.add)
     parts = sq.sums()
     ns = []
     for j in range(2):
