@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import ModelError
-from .io.reader import Checkpoint
+from .io.checkpoint import Checkpoint
 
 MANIFEST_NAME = "merge_manifest.json"
 FILE_CHUNK = 1 << 24

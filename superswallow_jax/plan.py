@@ -29,7 +29,8 @@ from .chat_template import resolve_chat_template
 from .config import MergeConfig, SliceSpec, SourceSpec
 from .errors import ConfigError, PlanError
 from .io.model_dir import read_model_config, resolve_model_dir
-from .io.reader import DTYPES, Checkpoint, TensorInfo
+from .io.checkpoint import Checkpoint
+from .io.reader import DTYPES, TensorInfo
 from .io.writer import TensorSpec, assign_shards
 from .methods.registry import MethodSpec
 from .params import Setting

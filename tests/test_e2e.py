@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from superswallow_jax.config import parse_config
-from superswallow_jax.io.reader import Checkpoint
+from superswallow_jax.io.checkpoint import Checkpoint
 from superswallow_jax.merge import run_merge
 from superswallow_jax.tiny import make_tiny_models
 

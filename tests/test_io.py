@@ -32,10 +32,10 @@ from superswallow_jax.io.reader import (
     INDEX_NAME,
     MAX_HEADER_BYTES,
     SINGLE_NAME,
-    Checkpoint,
     SafetensorsFile,
     read_header,
 )
+from superswallow_jax.io.checkpoint import Checkpoint
 from superswallow_jax.io.writer import (
     ALIGN,
     ShardedWriter,
@@ -704,7 +704,7 @@ def test_checkpoint_folder_without_safetensors(tmp_path):
     (d / "config.json").write_text("{}")
     with pytest.raises(SafetensorsError) as ei:
         Checkpoint(d)
-    _check_error(ei, d, "no model.safetensors")
+    _check_error(ei, d, "no weights found")
 
 
 @pytest.mark.parametrize(

@@ -450,7 +450,7 @@ def test_chunked_equals_whole_end_to_end(tiny_models, tmp_path, name):
     """A merge with chunks that split rows writes the same bytes as one with whole tensors."""
     from pathlib import Path
 
-    from superswallow_jax.io.reader import Checkpoint
+    from superswallow_jax.io.checkpoint import Checkpoint
     from superswallow_jax.merge import run_merge
 
     text = (Path(__file__).resolve().parents[1] / "configs" / "examples" / name).read_text()

@@ -355,7 +355,7 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("name", ["breadcrumbs-ties", "sce", "ramplus-tl"])
 def test_chunked_equals_whole(tiny, tmp_path, name):
     from superswallow_jax.config import parse_config
-    from superswallow_jax.io.reader import Checkpoint
+    from superswallow_jax.io.checkpoint import Checkpoint
     from superswallow_jax.merge import run_merge
 
     text = (ROOT / "configs" / "examples" / f"{name}.yaml").read_text().replace("models/", str(Path(tiny["llama"]).parent) + "/")

@@ -1,0 +1,144 @@
+"""The weights of one model folder, in whichever published form they come.
+
+Chosen as transformers chooses (safetensors first):
+
+1. ``model.safetensors.index.json`` and its shards, else ``model.safetensors``,
+   else every ``*.safetensors`` file;
+2. ``pytorch_model.bin.index.json`` and its shards, else ``pytorch_model.bin``
+   (zip-format ``torch.save`` files, read by :mod:`.torch_zip`).
+
+Other ``*.bin`` files (``training_args.bin``, ...) are never opened. A folder
+with none of these names the weight files it did find and what is supported.
+An index must agree with the files exactly: every shard present and a plain
+file name, every tensor stored in the shard the index names, and no tensor
+missing from the index or stored twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import SafetensorsError
+from .reader import INDEX_NAME, SINGLE_NAME, SafetensorsFile
+from .tensor_file import TensorFile, TensorInfo
+from .torch_zip import TorchFile
+
+__all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "Checkpoint", "MAX_INDEX_BYTES"]
+
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
+MAX_INDEX_BYTES = 64 << 20
+
+#: Weight files we recognise but cannot read, by how their names end.
+_UNSUPPORTED = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".pkl", ".npz", ".onnx")
+
+
+class Checkpoint:
+    """All weights of one model folder (single file or sharded, safetensors or ``.bin``).
+
+    ``tensors`` maps each tensor name to its :class:`TensorInfo`; ``format``
+    is ``"safetensors"`` or ``"pytorch"``. Headers (or pickles) are read and
+    validated eagerly (cheap); data is read lazily through :meth:`file`.
+    """
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self._files: dict[Path, TensorFile] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        d = self.model_dir
+        if (d / INDEX_NAME).is_file():
+            self.format = "safetensors"
+            self._load_index(d / INDEX_NAME, SafetensorsFile)
+        elif (d / SINGLE_NAME).is_file():
+            self.format = "safetensors"
+            self._add_file(SafetensorsFile(d / SINGLE_NAME))
+        elif any(d.glob("*.safetensors")):
+            self.format = "safetensors"
+            for f in sorted(d.glob("*.safetensors")):
+                self._add_file(SafetensorsFile(f))
+        elif (d / BIN_INDEX_NAME).is_file():
+            self.format = "pytorch"
+            self._load_index(d / BIN_INDEX_NAME, TorchFile)
+        elif (d / BIN_SINGLE_NAME).is_file():
+            self.format = "pytorch"
+            self._add_file(TorchFile(d / BIN_SINGLE_NAME))
+        else:
+            raise SafetensorsError(_no_weights_message(d))
+
+    def _add_file(self, f: TensorFile) -> None:
+        self._files[f.path] = f
+        for name, info in f.tensors.items():
+            if name in self.tensors:
+                raise SafetensorsError(f"{f.path}: tensor {name!r} also in {self.tensors[name].path}")
+            self.tensors[name] = info
+
+    def _load_index(self, index: Path, open_file: Callable[[Path], TensorFile]) -> None:
+        try:
+            if index.stat().st_size > MAX_INDEX_BYTES:
+                raise SafetensorsError(f"{index}: larger than the {MAX_INDEX_BYTES}-byte limit for an index")
+            obj = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise SafetensorsError(f"{index}: not valid JSON ({type(e).__name__})") from None
+        except OSError as e:
+            raise SafetensorsError(f"{index}: cannot read: {e.strerror or e}") from None
+        wmap = obj.get("weight_map") if isinstance(obj, dict) else None
+        if not isinstance(wmap, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
+        ):
+            raise SafetensorsError(f"{index}: 'weight_map' must map tensor names to file names")
+        for shard in sorted(set(wmap.values())):
+            p = self.model_dir / shard
+            if Path(shard).name != shard or shard in (".", ".."):
+                raise SafetensorsError(f"{index}: shard name {shard!r} must be a plain file name")
+            if not p.is_file():
+                raise SafetensorsError(f"{index}: shard {shard} listed in the index is missing")
+            self._add_file(open_file(p))
+        for name, shard in wmap.items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise SafetensorsError(f"{index}: tensor {name!r} is listed in the index but missing from {shard}")
+            if info.path.name != shard:
+                raise SafetensorsError(
+                    f"{index}: tensor {name!r} is mapped to {shard} but stored in {info.path.name}"
+                )
+        extra = sorted(set(self.tensors) - set(wmap))
+        if extra:
+            raise SafetensorsError(f"{index}: tensor {extra[0]!r} in {self.tensors[extra[0]].path.name} is missing from the index")
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(self._files)
+
+    def file(self, info: TensorInfo) -> TensorFile:
+        return self._files[info.path]
+
+    def view(self, name: str) -> np.ndarray:
+        """Zero-copy view of tensor ``name``."""
+        info = self.tensors[name]
+        return self._files[info.path].view(name)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _no_weights_message(d: Path) -> str:
+    if not d.is_dir():
+        return f"{d}: not a folder"
+    seen = sorted(p.name for p in d.iterdir() if p.name.endswith(_UNSUPPORTED) and p.is_file())
+    supported = (f"{INDEX_NAME}, {SINGLE_NAME}, *.safetensors, {BIN_INDEX_NAME} or {BIN_SINGLE_NAME} "
+                 "(zip-format torch.save)")
+    if not seen:
+        return f"{d}: no weights found; expected {supported}"
+    shown = ", ".join(seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
+    return f"{d}: found {shown}, which is not a supported weight format; expected {supported}"
