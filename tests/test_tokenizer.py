@@ -20,13 +20,13 @@ from superswallow_jax.errors import ConfigError, TokenizerError
 from superswallow_jax.tokenizer import (
     OutputTokenizer,
     TokenOverride,
-    _TorchDim0Sum,
     align_embeddings,
     build_output_tokenizer,
     load_model_tokenizer,
     overrides_from_config,
     write_tokenizer,
 )
+from superswallow_jax.tokenizer.torch_sum import TorchDim0Sum
 
 BF16 = ml_dtypes.bfloat16
 
@@ -417,14 +417,14 @@ def test_torch_cascade_sum_structure():
     keeping the second block's 16: 2^24 + 16."""
     x = np.ones((32, 64), np.float32)
     x[0] = 2.0 ** 24
-    s = _TorchDim0Sum(32, 64)
+    s = TorchDim0Sum(32, 64)
     s.feed(x[:7])
     s.feed(x[7:])
     assert (s.result() == np.float32(2 ** 24 + 16)).all()
     # columns past the last 32-block use row_sum: 4 interleaved partial sums
     x2 = np.ones((32, 33), np.float32)
     x2[0] = 2.0 ** 24
-    s2 = _TorchDim0Sum(32, 33)
+    s2 = TorchDim0Sum(32, 33)
     s2.feed(x2)
     r = s2.result()
     assert r[0] == np.float32(2 ** 24 + 16)
@@ -486,8 +486,8 @@ def test_written_files_load_in_hf_tokenizers(three, tmp_path):
     ov = overrides_from_config({"NEW": {"source": {"kind": "zero"}}}, KEYS)
     for source in ("union", "base", "o1", "o2"):
         out = build_output_tokenizer(source, three["base"], [three["o1"], three["o2"]], KEYS, ov, 8)
-        d = tmp_path / source
-        d.mkdir()
+        d = tmp_path / "written" / source
+        d.mkdir(parents=True)
         write_tokenizer(d, out, None)
         tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
         assert tok.get_vocab() == out.vocab
