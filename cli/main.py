@@ -191,6 +191,7 @@ def tiny(
     preset: str = typer.Option("tiny", help="tiny (seconds) or 1.3gb (a ~1.3 GB pair for speed/memory work)"),
     seed: int = typer.Option(0, help="generator seed"),
     model: Optional[list[str]] = typer.Option(None, "--model", help="only this model (repeatable; default: all four for tiny, swallow and tulu for 1.3gb)"),
+    published: bool = typer.Option(False, "--published", help="save llama, swallow and tulu as the real repos are: .bin weights for llama and tulu (sharded), safetensors for swallow, sentencepiece-only tokenizers"),
 ) -> None:
     """Make tiny Llama-shaped checkpoints (llama, swallow, tulu, hermes) locally."""
     from superswallow_jax.errors import SuperswallowError
@@ -199,7 +200,8 @@ def tiny(
     _imports_done()
 
     try:
-        made = make_tiny_models(out, preset=preset, seed=seed, progress=lambda msg: typer.echo(msg), models=model or None)
+        made = make_tiny_models(out, preset=preset, seed=seed, progress=lambda msg: typer.echo(msg), models=model or None,
+                                published=published)
     except (SuperswallowError, OSError) as e:
         _fail(e)
         return

@@ -699,18 +699,44 @@ def _prepare_folder(folder: Path) -> None:
     folder.mkdir(parents=True)
 
 
-def _write_model(folder: Path, p: TinyPreset, model: str, seed: int,
-                 progress: Callable[[str], None], workers: int) -> None:
-    vocab = tokenizer_tokens(p, model)
-    rows = vocab["num_rows"]
-    _prepare_folder(folder)
-    _write_json(folder / "config.json", _config_json(p, model, rows))
-    _write_json(folder / "generation_config.json", _generation_config(model))
+#: The weight format of each model with ``published=True``, like the repos they
+#: stand in for (tulu-2-dpo-70b: ``.bin`` shards; Swallow: safetensors; tulu is
+#: always sharded, the others when large). Their tokenizers are then
+#: sentencepiece-only (``tokenizer.model``).
+PUBLISHED_FORMS = {"llama": "bin", "swallow": "safetensors", "tulu": "bin"}
+
+
+def _write_tokenizer_files(folder: Path, p: TinyPreset, model: str, vocab: dict, published: bool) -> None:
+    if published and model in PUBLISHED_FORMS:
+        from .tiny_published import sentencepiece_model, slow_tokenizer_config, special_tokens_map
+
+        (folder / "tokenizer.model").write_bytes(sentencepiece_model(vocab["tokens"]))
+        _write_json(folder / "tokenizer_config.json",
+                    slow_tokenizer_config(_CHAT_TEMPLATES[model], p.max_position_embeddings))
+        _write_json(folder / "special_tokens_map.json", special_tokens_map())
+        return
     _write_json(folder / "tokenizer.json", _tokenizer_json(vocab))
     _write_json(folder / "tokenizer_config.json",
                 _tokenizer_config(model, vocab, p.max_position_embeddings))
     _write_json(folder / "special_tokens_map.json", _special_tokens_map(vocab))
 
+
+def _shard_name(fmt: str, k: int, n: int, sharded: bool) -> str:
+    if fmt == "bin":
+        return f"pytorch_model-{k + 1:05d}-of-{n:05d}.bin" if sharded else "pytorch_model.bin"
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors" if sharded else "model.safetensors"
+
+
+def _write_model(folder: Path, p: TinyPreset, model: str, seed: int,
+                 progress: Callable[[str], None], workers: int, published: bool = False) -> None:
+    vocab = tokenizer_tokens(p, model)
+    rows = vocab["num_rows"]
+    _prepare_folder(folder)
+    _write_json(folder / "config.json", _config_json(p, model, rows))
+    _write_json(folder / "generation_config.json", _generation_config(model))
+    _write_tokenizer_files(folder, p, model, vocab, published)
+
+    fmt = PUBLISHED_FORMS.get(model, "safetensors") if published else "safetensors"
     shapes = llama_tensor_shapes(p, rows)
     shape_of = dict(shapes)
     max_bytes = p.tulu_shard_bytes if model == "tulu" else p.max_shard_bytes
@@ -723,8 +749,7 @@ def _write_model(folder: Path, p: TinyPreset, model: str, seed: int,
     weight_map: dict[str, str] = {}
     total = 0
     for k, names in enumerate(shards):
-        fname = (f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" if sharded
-                 else "model.safetensors")
+        fname = _shard_name(fmt, k, len(shards), sharded)
         arrays, off = {}, 0
         for name in names:
             n = nbytes[name] // BF16.itemsize
@@ -733,13 +758,18 @@ def _write_model(folder: Path, p: TinyPreset, model: str, seed: int,
             weight_map[name] = fname
             total += nbytes[name]
         filler.fill(arrays)
-        save_file(arrays, str(folder / fname), metadata={"format": "pt"})
+        if fmt == "bin":
+            from .tiny_published import write_torch_bin
+
+            write_torch_bin(folder / fname, arrays)
+        else:
+            save_file(arrays, str(folder / fname), metadata={"format": "pt"})
         (folder / fname).chmod(0o644)  # safetensors creates files 0600
         del arrays
         progress(f"{model}: wrote {fname}")
     if sharded:
-        _write_json(folder / "model.safetensors.index.json",
-                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+        _write_json(folder / index, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def make_tiny_models(
@@ -750,6 +780,7 @@ def make_tiny_models(
     *,
     models: Sequence[str] | None = None,
     workers: int | None = None,
+    published: bool = False,
 ) -> dict[str, Path]:
     """Generate the tiny model family under ``out_dir``.
 
@@ -765,6 +796,11 @@ def make_tiny_models(
             ``"1.3gb"``). Each model is defined independently of the others.
         workers: threads drawing random numbers (default: up to 4, bounded
             by the CPU count). The output does not depend on it.
+        published: save llama, swallow and tulu as the real repos are
+            published (:data:`PUBLISHED_FORMS`): pickled ``.bin`` weights for
+            llama (one file) and tulu (sharded), safetensors for swallow, and
+            only a sentencepiece ``tokenizer.model`` for all three. The tensors
+            are the same bytes as without it.
 
     Returns:
         ``{name: folder}`` for the models built, in :data:`MODEL_NAMES` order.
@@ -787,7 +823,7 @@ def make_tiny_models(
         if model not in wanted:
             continue
         t0 = time.perf_counter()
-        _write_model(out_dir / model, p, model, int(seed), say, n_workers)
+        _write_model(out_dir / model, p, model, int(seed), say, n_workers, published)
         say(f"{model}: done in {time.perf_counter() - t0:.1f}s")
         result[model] = out_dir / model
     return result
