@@ -70,6 +70,7 @@ def main() -> None:
     from superswallow_jax.malloc_tuning import tune_malloc
     from superswallow_jax.config import load_config
     from superswallow_jax.merge import run_merge
+    from superswallow_jax.options import MergeOptions
 
     if not gc.isenabled():  # as the CLI's _imports_done
         gc.freeze()
@@ -110,11 +111,10 @@ def main() -> None:
         state["bytes"] += n
 
     main_cpu0, proc_cpu0 = time.thread_time(), time.process_time()
-    res = run_merge(
-        load_config(args.config), args.out, force=True, chunk_elems=args.chunk_elems,
-        pass_cache_bytes=None if args.pass_cache_mb is None else args.pass_cache_mb << 20,
-        progress=progress, on_plan=on_plan, fsync=not args.no_fsync, hash_inputs=not args.no_hash_inputs,
-    )
+    opts = MergeOptions(force=True, chunk_elems=args.chunk_elems, fsync=not args.no_fsync,
+                        pass_cache_bytes=None if args.pass_cache_mb is None else args.pass_cache_mb << 20,
+                        hash_inputs=not args.no_hash_inputs)
+    res = run_merge(load_config(args.config), args.out, opts, progress=progress, on_plan=on_plan)
     marks["first_chunk"] = state["first"]
     marks["loop_done"] = state["last"]
     marks["done"] = time.time() - t0

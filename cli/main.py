@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -77,7 +78,7 @@ def merge(
     seed: int = typer.Option(0, help="seed for random masks (DARE); same seed -> same bytes"),
     shard_size: str = typer.Option("5B", help="max bytes per output shard (decimal K/M/B suffixes)"),
     out_dtype: Optional[str] = typer.Option(None, help="override the config's out_dtype"),
-    force: bool = typer.Option(False, help="write into a non-empty output folder"),
+    force: bool = typer.Option(False, help="replace the merge in a non-empty output folder (only the files a merge wrote are removed) and start over instead of resuming"),
     chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 1M on the CPU, 4M on accelerators)"),
     pass_cache_mb: Optional[int] = typer.Option(None, help="MB a multi-pass method (DARE, TIES, ...) may keep between passes instead of reading again (default 64 on the CPU; on accelerators an eighth of device memory, at most 4096; 0: none)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
@@ -100,6 +101,7 @@ def merge(
     from superswallow_jax.errors import ConfigError, SuperswallowError
     from superswallow_jax.io.writer import parse_size
     from superswallow_jax.merge import run_merge
+    from superswallow_jax.options import MergeOptions
 
     try:
         if coordinator is not None and (num_processes is None or process_id is None):
@@ -110,7 +112,11 @@ def merge(
         cfg = load_config(config)
         for w in cfg.warnings:
             typer.echo(f"warning: {w}", err=True)
-        size = parse_size(shard_size)
+        opts = MergeOptions(
+            seed=seed, shard_size=parse_size(shard_size), out_dtype=_dtype_code(out_dtype), force=force,
+            chunk_elems=chunk_elems, pass_cache_bytes=None if pass_cache_mb is None else pass_cache_mb * (1 << 20),
+            fsync=fsync, digests=digests, file_digests=file_digests, hash_inputs=input_digests,
+        )
         progress_ctx = None
         bar = {}
 
@@ -132,12 +138,8 @@ def merge(
                 progress_ctx.advance(bar["task"], n)
 
         try:
-            res = run_merge(
-                cfg, out, seed=seed, shard_size=size, out_dtype=_dtype_code(out_dtype), force=force,
-                chunk_elems=chunk_elems, pass_cache_bytes=None if pass_cache_mb is None else pass_cache_mb * (1 << 20),
-                progress=on_progress, on_plan=on_plan, procs=procs, fsync=fsync, digests=digests,
-                file_digests=file_digests, hash_inputs=input_digests,
-            )
+            res = run_merge(cfg, out, opts, progress=on_progress, on_plan=on_plan, procs=procs,
+                            say=lambda line: typer.echo(line, err=True))
         finally:
             if progress_ctx is not None:
                 progress_ctx.stop()
@@ -257,41 +259,47 @@ def hash_cmd(
 def verify(
     config: Path = typer.Argument(..., help="the merge config that is claimed to produce OUT"),
     out: Path = typer.Argument(..., help="the merged model folder to check"),
-    seed: Optional[int] = typer.Option(None, help="seed (default: the one recorded in OUT's manifest, else 0)"),
-    tensors: Optional[list[str]] = typer.Option(None, "--tensors", help="only check tensors matching this glob or substring (repeatable)"),
-    against: Optional[Path] = typer.Option(None, help="compare OUT with this folder instead of re-running CONFIG"),
+    seed: Optional[int] = typer.Option(None, help="seed (default: the one OUT's manifest records, else 0)"),
+    tensors: Optional[list[str]] = typer.Option(None, "--tensors", help="only check tensors matching this glob or substring (repeatable); the files are always checked"),
+    against: Optional[Path] = typer.Option(None, help="compare OUT's tensors with this folder's instead of re-running CONFIG"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
-    """Re-run CONFIG as a stream (nothing written) and compare with OUT tensor by tensor.
+    """Check that OUT is exactly what CONFIG makes: every file, shard header and tensor, and the manifest.
 
-    Exit 0 only on a full match; otherwise the mismatching tensors are listed and the exit code is 1.
+    The merge is re-run as a stream (nothing written) with the options OUT's
+    manifest records. Exit 0 only on a full match; otherwise each difference
+    is listed by file or tensor and the exit code is 1.
     """
     from superswallow_jax import manifest as mf
     from superswallow_jax.config import load_config
     from superswallow_jax.errors import SuperswallowError, VerifyError
-    from superswallow_jax.merge import verify_stream
+    from superswallow_jax.verify import verify_folder
 
     _streaming_setup()
     try:
-        select = mf.make_selector(tensors)
-        actual = mf.folder_digests(out, select)
-        if against is not None:
-            expected = mf.folder_digests(against, select)
-        else:
-            cfg = load_config(config)
-            if seed is None:
-                man = mf.read_manifest(out)
-                seed = int(man["seed"]) if man and "seed" in man else 0
-            expected = verify_stream(cfg, seed=seed, select=select)
-        res = mf.compare(expected, actual)
-        for kind, names in (("MISMATCH", res.mismatched), ("MISSING", res.missing), ("EXTRA", res.extra)):
-            for n in names:
-                typer.echo(f"{kind} {n}")
-        typer.echo(f"{len(res.matched)} tensors match, {len(res.mismatched)} differ, {len(res.missing)} missing, {len(res.extra)} extra")
-        if not res.ok:
-            raise VerifyError(f"{out} does not match {'the folder ' + str(against) if against else str(config) + f' (seed {seed})'}")
+        rep = verify_folder(load_config(config), out, seed=seed, select=mf.make_selector(tensors), against=against)
+        for f in rep.findings:
+            typer.echo(f.line())
+        typer.echo(f"{rep.tensors_matched} of {rep.tensors_checked} tensors match; {rep.files_checked} files checked; "
+                   f"{len(rep.findings)} differences")
+        if not rep.ok:
+            what = f"the folder {against}" if against else f"{config} (seed {rep.seed})"
+            raise VerifyError(f"{out} does not match {what}")
     except (SuperswallowError, OSError) as e:
         _fail(e)
+
+
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread (not a KeyboardInterrupt, which click
+    would turn into its own exit); the exit status is 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.code = 128 + signum
+
+
+def _interrupted(signum, frame) -> None:
+    raise _Interrupted(signum)
 
 
 def _distributed_active() -> bool:
@@ -314,15 +322,18 @@ def main() -> None:
     """
     code = 0
     gc.disable()  # until the command's imports are done: see _imports_done
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup and background jobs keep ignoring it
+            signal.signal(sig, _interrupted)
     try:
         app()
     except SystemExit as e:  # click/typer end every command with sys.exit
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        code = 130
+    except _Interrupted as e:
+        typer.echo("interrupted", err=True)  # the command's own clean-up ran as the exception passed
+        code = e.code
     if _distributed_active():
         sys.exit(code)
     sys.stdout.flush()

@@ -36,6 +36,7 @@ def run(args) -> int:
     from superswallow_jax.config import load_config
     from superswallow_jax.manifest import read_manifest
     from superswallow_jax.merge import run_merge
+    from superswallow_jax.options import MergeOptions
 
     models = args.models.resolve()
     result = {
@@ -53,8 +54,8 @@ def run(args) -> int:
             out = Path(tmp) / "out"
             t = time.perf_counter()
             try:
-                run_merge(load_config(local), out, seed=args.seed, force=True, fsync=False,
-                          chunk_elems=args.chunk_elems)
+                run_merge(load_config(local), out, MergeOptions(seed=args.seed, force=True, fsync=False,
+                                                                chunk_elems=args.chunk_elems))
             except Exception as e:  # record and go on: one broken config must not hide the others
                 result["configs"][cfg_path.name] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{cfg_path.name}: ERROR {type(e).__name__}: {e}", flush=True)

@@ -8,6 +8,7 @@ fall back to a default.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -74,6 +75,9 @@ class MergeConfig:
     text: str
     path: Path | None = None
     warnings: tuple[str, ...] = ()
+    #: the config as canonical JSON (comments, key order and spacing removed);
+    #: its sha256 identifies the merge in shard headers and the manifest
+    normalized: str = "{}"
 
     def referenced_models(self) -> tuple[str, ...]:
         """All model references in config order (base first if set), unique."""
@@ -252,6 +256,24 @@ def _single_module(data: Mapping[str, Any], file: str, method: MethodSpec, warn:
     return flat, inner, params
 
 
+#: Largest normalized config accepted (it goes into the manifest): a config
+#: beyond it is refused, naming its largest top-level key.
+MAX_NORMALIZED_BYTES = 1 << 20
+
+
+def _normalized(data: Mapping[str, Any], file: str) -> str:
+    """Canonical JSON of the parsed YAML, at most :data:`MAX_NORMALIZED_BYTES`."""
+    def dump(x: Any) -> str:
+        return json.dumps(x, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+    text = dump(data)
+    if len(text.encode("utf-8")) > MAX_NORMALIZED_BYTES:
+        key = max(data, key=lambda k: len(dump(data[k])))
+        raise ConfigError(f"{file}: {key}: the config is {len(text.encode('utf-8')):,} bytes as JSON, more than the "
+                          f"{MAX_NORMALIZED_BYTES:,}-byte limit (this key is the largest part)")
+    return text
+
+
 def parse_config(text: str, path: Path | None = None) -> MergeConfig:
     """Parse and validate YAML text. ``path`` is only used in error messages."""
     warn: list[str] = []
@@ -264,6 +286,7 @@ def parse_config(text: str, path: Path | None = None) -> MergeConfig:
         raise ConfigError(f"{file}: invalid YAML{loc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: top level must be a mapping")
+    normalized = _normalized(data, file)
     unknown = set(data) - TOP_KEYS
     if unknown:
         raise ConfigError(f"{file}: {sorted(unknown)[0]}: unknown top-level key")
@@ -327,6 +350,7 @@ def parse_config(text: str, path: Path | None = None) -> MergeConfig:
         text=text,
         path=path,
         warnings=tuple(warn),
+        normalized=normalized,
     )
 
 

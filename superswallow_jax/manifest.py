@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -101,10 +102,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class StreamHasher:
     """Per-tensor sha256 of chunks arriving in increasing flat order.
 
-    Use as (or inside) an executor sink: ``feed(name, flat_offset, array)``.
+    Use as (or inside) an executor sink: ``feed(name, flat_offset, array)``,
+    which returns the tensor's digest once its last element has arrived
+    (else None).
     """
 
     def __init__(self, specs: Mapping[str, tuple[str, tuple[int, ...]]]):
@@ -112,11 +119,13 @@ class StreamHasher:
         self._h: dict[str, "hashlib._Hash"] = {}
         self._next: dict[str, int] = {}
 
-    def feed(self, name: str, offset: int, data: np.ndarray) -> None:
+    def feed(self, name: str, offset: int, data: np.ndarray) -> str | None:
         if self._next.get(name, 0) != offset:
             raise RuntimeError(f"{name}: chunk at {offset} out of order")
-        self._h.setdefault(name, hashlib.sha256()).update(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        self._next[name] = offset + data.size
+        h = self._h.setdefault(name, hashlib.sha256())
+        h.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        self._next[name] = end = offset + data.size
+        return h.hexdigest() if end == math.prod(self._specs[name][1]) else None
 
     def digests(self) -> dict[str, TensorDigest]:
         out = {}
@@ -280,3 +289,43 @@ def read_manifest(model_dir: Path) -> dict | None:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise ModelError(f"{p}: not valid JSON") from None
+
+
+def input_files(plan) -> dict[str, Path]:
+    """Every weight file and config.json of every input model, labelled ``<model ref>/<file name>``."""
+    files = {}
+    for m in plan.models:
+        for f in [*m.checkpoint.files, m.dir / "config.json"]:
+            files[f"{m.key}/{f.name}"] = f
+    return files
+
+
+def build_manifest(plan, opts, input_hashes: Mapping[str, str], tensor_digests: Mapping[str, TensorDigest],
+                   shard_hashes: Mapping[str, str]) -> dict:
+    """``merge_manifest.json`` without the small files' digests and the file list (the commit adds them).
+
+    ``opts``: the :class:`~superswallow_jax.options.MergeOptions` of the run;
+    the ones that change bytes are recorded under ``options`` (``verify``
+    replays them). ``shard_hashes``: weight file name -> sha256 (``--file-digests``).
+    """
+    import jax
+
+    from . import __version__, prng
+
+    return {
+        "superswallow_jax": __version__,
+        "jax": jax.__version__,
+        "prng_scheme": prng.PRNG_SCHEME,
+        "seed": opts.seed,
+        "options": opts.recorded(),
+        "merge_method": plan.method.name,
+        "config": json.loads(plan.config.normalized),
+        "config_sha256": config_hash(plan.config.normalized),
+        "input_files_sha256": dict(sorted(input_hashes.items())),
+        "model_digest": model_digest(tensor_digests.values()) if tensor_digests else None,
+        "tensors": {d.name: {"dtype": d.dtype, "shape": list(d.shape), "sha256": d.sha256}
+                    for d in sorted(tensor_digests.values(), key=lambda d: d.name)},
+        "files_sha256": dict(sorted(shard_hashes.items())),
+        "digests": opts.digests,
+        "file_digests": opts.digests and opts.file_digests,
+    }

@@ -19,9 +19,10 @@ output shard. :func:`build_plan` follows mergekit 0.1.5:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 
 from .architecture import Architecture, WeightTemplate, resolve_architecture
@@ -103,6 +104,13 @@ class Plan:
     @property
     def total_input_bytes(self) -> int:
         return sum(s.input_bytes for s in self.steps)
+
+    def step(self, name: str) -> Step:
+        """The step writing output tensor ``name``."""
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
 
     @property
     def total_output_bytes(self) -> int:
@@ -438,6 +446,16 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
     return Plan(cfg, method, models, base_model, arch, tuple(steps), shards, out_cfg, tokenizer, chat)
 
 
+@contextmanager
+def close_models(plan: Plan) -> Iterator[Plan]:
+    """Close the plan's open checkpoints when the block ends."""
+    try:
+        yield plan
+    finally:
+        for m in plan.models:
+            m.checkpoint.close()
+
+
 def describe_params(p: Mapping[str, Any]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -447,4 +465,4 @@ def describe_params(p: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in p.items() if v is not None)
 
 
-__all__ = ["Plan", "Step", "Source", "ModelInput", "build_plan", "load_models", "describe_params"]
+__all__ = ["Plan", "Step", "Source", "ModelInput", "build_plan", "close_models", "load_models", "describe_params"]

@@ -15,6 +15,7 @@ from cli.main import app
 from superswallow_jax.config import parse_config
 from superswallow_jax.io.checkpoint import Checkpoint
 from superswallow_jax.merge import run_merge
+from superswallow_jax.options import MergeOptions
 from superswallow_jax.tiny import make_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +54,10 @@ def files_digest(out: Path) -> dict:
     return out_files
 
 
-def merge(models, tmp_path, name="superswallow-tiny.yaml", sub="out", **kw):
+def merge(models, tmp_path, name="superswallow-tiny.yaml", sub="out", order=None, **opts):
     cfg = parse_config(recipe(models, name))
     out = tmp_path / sub
-    run_merge(cfg, out, fsync=False, **kw)
+    run_merge(cfg, out, MergeOptions(fsync=False, **opts), order=order)
     return out
 
 

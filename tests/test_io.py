@@ -36,6 +36,8 @@ from superswallow_jax.io.reader import (
     read_header,
 )
 from superswallow_jax.io.checkpoint import Checkpoint
+from superswallow_jax.io.commit import commit as commit_folder
+from superswallow_jax.io.commit import staging_path
 from superswallow_jax.io.writer import (
     ALIGN,
     ShardedWriter,
@@ -691,11 +693,16 @@ def test_checkpoint_duplicate_tensor_across_shards(tmp_path):
     with pytest.raises(SafetensorsError) as ei:
         Checkpoint(d)
     _check_error(ei, d / "model-00002-of-00002.safetensors", "'a'", "model-00001-of-00002.safetensors")
-    # Same without an index (glob fallback).
+    # Without the index, shard names are an incomplete set; other names go through the glob fallback.
     (d / INDEX_NAME).unlink()
     with pytest.raises(SafetensorsError) as ei:
         Checkpoint(d)
-    _check_error(ei, d / "model-00002-of-00002.safetensors", "'a'")
+    _check_error(ei, d, "2 shard files named like model-00001-of-00002.safetensors", "incomplete")
+    (d / "model-00001-of-00002.safetensors").rename(d / "first.safetensors")
+    (d / "model-00002-of-00002.safetensors").rename(d / "second.safetensors")
+    with pytest.raises(SafetensorsError) as ei:
+        Checkpoint(d)
+    _check_error(ei, d / "second.safetensors", "'a'")
 
 
 def test_checkpoint_folder_without_safetensors(tmp_path):
@@ -755,11 +762,11 @@ def _write_all(
 ):
     """Plan, write (in chunks of ``chunk`` elements, shuffled when ``seed`` is set) and commit."""
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / ".staging"
+    staging = staging_path(out)
     staging.mkdir(exist_ok=True)
     specs = _specs_for(tensors)
     layouts = plan_layout(assign_shards(specs, shard_size), metadata or {})
-    w = ShardedWriter(out, staging, layouts, specs, writeback=writeback)
+    w = ShardedWriter(staging, layouts, specs, writeback=writeback)
     jobs = []
     for name, arr in tensors.items():
         flat = arr.reshape(-1)
@@ -774,9 +781,9 @@ def _write_all(
         w.write(name, a, part)
     if commit:
         write_index(staging / INDEX_NAME, layouts, specs, {"tool": "test"})
-        paths = w.commit(fsync=False)
-        (staging / INDEX_NAME).replace(out / INDEX_NAME)
-        return w, layouts, specs, paths
+        w.finish(fsync=False)
+        commit_folder(staging, out, fsync=False)
+        return w, layouts, specs, [out / lay.filename for lay in layouts]
     return w, layouts, specs, None
 
 
@@ -937,7 +944,7 @@ def test_plan_layout_names_and_sizes(n):
         assert set(lay.offsets) == {s.name for s in sh}
 
 
-def test_commit_moves_files_only_at_commit(tmp_path):
+def test_shards_stay_in_staging_until_the_commit(tmp_path):
     tensors = {"a": _rand((40,), np.float32, 1), "b": _rand((40,), BF16, 2), "c": _rand((10,), np.float16, 3)}
     out = tmp_path / "out"
     w, layouts, specs, _ = _write_all(out, tensors, shard_size=100, commit=False)
@@ -945,29 +952,28 @@ def test_commit_moves_files_only_at_commit(tmp_path):
     # 160 bytes alone (oversized); then 80 + 20 == 100 fits.
     assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     assert [sorted(l.offsets) for l in layouts] == [["a"], ["b", "c"]]
-    staging = out / ".staging"
+    staging = staging_path(out)
     for n in names:
         assert (staging / n).is_file()
         assert not (out / n).exists()
     write_index(staging / INDEX_NAME, layouts, specs, {"tool": "t"})
-    paths = w.commit(fsync=True)
-    assert paths == [out / n for n in names]
+    w.finish(fsync=True)
+    idx = json.loads((staging / INDEX_NAME).read_text())
+    commit_folder(staging, out, fsync=True)
+    assert not staging.exists()
     for n in names:
         assert (out / n).is_file()
-        assert not (staging / n).exists()
-    idx = json.loads((staging / INDEX_NAME).read_text())
     assert idx["metadata"]["total_size"] == sum(a.nbytes for a in tensors.values())
     assert idx["metadata"]["tool"] == "t"
     assert list(idx["weight_map"]) == sorted(tensors)
     for lay in layouts:
         for name in lay.offsets:
             assert idx["weight_map"][name] == lay.filename
-    (staging / INDEX_NAME).replace(out / INDEX_NAME)
     ck = Checkpoint(out)
     for name, arr in tensors.items():
         assert _same(ck.view(name), arr)
-    for p in paths:
-        assert load_file(str(p))
+    for n in names:
+        assert load_file(str(out / n))
 
 
 @pytest.mark.parametrize("defect", ["missing_chunk", "missing_tensor", "duplicate_chunk", "overlap"])
@@ -979,7 +985,7 @@ def test_commit_refuses_incomplete_writes(tmp_path, defect):
     staging.mkdir()
     specs = _specs_for(tensors)
     layouts = plan_layout(assign_shards(specs, 10**9), {})
-    w = ShardedWriter(out, staging, layouts, specs)
+    w = ShardedWriter(staging, layouts, specs)
     a, b = tensors["a"], tensors["b"]
     if defect == "missing_chunk":
         w.write("a", 0, a[:4])
@@ -998,7 +1004,7 @@ def test_commit_refuses_incomplete_writes(tmp_path, defect):
         w.write("a", 4, a[4:])
         w.write("b", 0, b)
     with pytest.raises(RuntimeError, match="model.safetensors"):
-        w.commit(fsync=False)
+        w.finish(fsync=False)
     w.abort()
     assert not (out / SINGLE_NAME).exists()
     assert (staging / SINGLE_NAME).exists()
@@ -1007,7 +1013,7 @@ def test_commit_refuses_incomplete_writes(tmp_path, defect):
 def test_write_rejects_wrong_dtype_and_range(tmp_path):
     specs = [TensorSpec("a", "BF16", (4,))]
     layouts = plan_layout([specs], {})
-    w = ShardedWriter(tmp_path, tmp_path, layouts, specs)
+    w = ShardedWriter(tmp_path, layouts, specs)
     with pytest.raises(TypeError):
         w.write("a", 0, np.zeros(4, np.float32))
     with pytest.raises(ValueError):
@@ -1015,16 +1021,16 @@ def test_write_rejects_wrong_dtype_and_range(tmp_path):
     with pytest.raises(ValueError):
         w.write("a", -1, np.zeros(1, BF16))
     w.write("a", 0, np.ones((2, 2), BF16))  # any shape: written flat
-    w.commit(fsync=False)
+    w.finish(fsync=False)
     assert _same(load_file(str(tmp_path / SINGLE_NAME))["a"], np.ones(4, BF16))
 
 
 def test_write_non_contiguous_input(tmp_path):
     src = _rand((4, 6), np.float32, 3)
     specs = [TensorSpec("t", "F32", (6, 4))]
-    w = ShardedWriter(tmp_path, tmp_path, plan_layout([specs], {}), specs)
+    w = ShardedWriter(tmp_path, plan_layout([specs], {}), specs)
     w.write("t", 0, src.T)  # Fortran-ordered view: written in C order
-    w.commit(fsync=False)
+    w.finish(fsync=False)
     assert _same(load_file(str(tmp_path / SINGLE_NAME))["t"], np.ascontiguousarray(src.T))
 
 
@@ -1063,7 +1069,7 @@ def test_finish_is_idempotent_and_file_sha256(tmp_path, in_order):
     stage = tmp_path / "stage"
     out.mkdir()
     stage.mkdir()
-    w = ShardedWriter(out, stage, lays, specs)
+    w = ShardedWriter(stage, lays, specs)
     if in_order:
         w.write("a", 0, np.ones(3, np.float16))
         w.write("b", 0, np.full((2, 2), 2.0, BF16))
@@ -1074,12 +1080,14 @@ def test_finish_is_idempotent_and_file_sha256(tmp_path, in_order):
     w.finish(fsync=False)
     w.finish(fsync=False)  # second call: no-op
     digests = w.file_sha256()
-    paths = w.commit(fsync=False)
+    paths = [stage / lay.filename for lay in lays]
     assert [p.name for p in paths] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     for p in paths:
         assert read_header(p).metadata == {"digest": "f" * 64}
         assert digests[p.name] == hashlib.sha256(p.read_bytes()).hexdigest()
-    assert _same(Checkpoint(out).view("b"), np.full((2, 2), 2.0, BF16))
+    assert _same(SafetensorsFile(stage / lays[1].filename).view("b"), np.full((2, 2), 2.0, BF16))
+    with pytest.raises(SafetensorsError, match="no model.safetensors.index.json"):
+        Checkpoint(stage)  # shards without their index: an incomplete set
 
 
 def test_read_rows_runs_scattered_and_bounds(tmp_path):

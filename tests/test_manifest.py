@@ -63,8 +63,8 @@ def test_folder_digests_threads_and_pieces_equal_plain_sha256(tmp_path, monkeypa
     tensors = {f"t{i}": rng.standard_normal((i * 37 + 1, 5)).astype(np.float32) for i in range(12)}
     tensors["bf"] = rng.standard_normal((300, 7)).astype(ml_dtypes.bfloat16)
     tensors["empty"] = np.zeros((0, 4), np.float32)
-    save_file({k: v for k, v in tensors.items() if k < "t6"}, str(tmp_path / "model-00001-of-00002.safetensors"))
-    save_file({k: v for k, v in tensors.items() if k >= "t6"}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k < "t6"}, str(tmp_path / "part-a.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k >= "t6"}, str(tmp_path / "part-b.safetensors"))
     want = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in tensors.items()}
     monkeypatch.setattr(mf, "FILE_CHUNK", 1000)  # several pread pieces per tensor
     for workers in (1, 4):

@@ -452,6 +452,7 @@ def test_chunked_equals_whole_end_to_end(tiny_models, tmp_path, name):
 
     from superswallow_jax.io.checkpoint import Checkpoint
     from superswallow_jax.merge import run_merge
+    from superswallow_jax.options import MergeOptions
 
     text = (Path(__file__).resolve().parents[1] / "configs" / "examples" / name).read_text()
     if name == "model-stock.yaml":
@@ -459,7 +460,7 @@ def test_chunked_equals_whole_end_to_end(tiny_models, tmp_path, name):
     cfg = _config(tiny_models, text)
     outs = []
     for sub, chunk in (("whole", 1 << 24), ("chunked", 1024 * 3)):
-        run_merge(cfg, tmp_path / sub, fsync=False, chunk_elems=chunk)
+        run_merge(cfg, tmp_path / sub, MergeOptions(fsync=False, chunk_elems=chunk))
         ck = Checkpoint(tmp_path / sub)
         outs.append({n: np.ascontiguousarray(ck.view(n)).tobytes() for n in sorted(ck.tensors)})
     assert outs[0] == outs[1]

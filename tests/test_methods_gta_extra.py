@@ -357,12 +357,13 @@ def test_chunked_equals_whole(tiny, tmp_path, name):
     from superswallow_jax.config import parse_config
     from superswallow_jax.io.checkpoint import Checkpoint
     from superswallow_jax.merge import run_merge
+    from superswallow_jax.options import MergeOptions
 
     text = (ROOT / "configs" / "examples" / f"{name}.yaml").read_text().replace("models/", str(Path(tiny["llama"]).parent) + "/")
     outs = []
     for ch in (1 << 24, 1024 * 3):  # 3072 splits the 176-wide rows
         out = tmp_path / str(ch)
-        run_merge(parse_config(text), out, fsync=False, chunk_elems=ch)
+        run_merge(parse_config(text), out, MergeOptions(fsync=False, chunk_elems=ch))
         ck = Checkpoint(out)
         outs.append({n: (ck.tensors[n].dtype, np.ascontiguousarray(ck.view(n)).tobytes()) for n in ck.tensors})
     assert outs[0] == outs[1]

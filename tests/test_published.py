@@ -21,6 +21,7 @@ import tokenizers
 from superswallow_jax.config import load_config, parse_config
 from superswallow_jax.io.checkpoint import Checkpoint
 from superswallow_jax.merge import run_merge
+from superswallow_jax.options import MergeOptions
 from superswallow_jax.tiny import make_tiny_models
 from superswallow_jax.tokenizer.sentencepiece import tokenizer_json
 
@@ -48,7 +49,7 @@ def _ids(out: Path, text: str) -> list[int]:
 def test_bit_exact_with_mergekit_on_published_files(name, tmp_path, monkeypatch):
     monkeypatch.chdir(FIX)  # the configs name ./models/...
     out = tmp_path / "out"
-    run_merge(load_config(FIX / "configs" / name), out, seed=0, fsync=False)
+    run_merge(load_config(FIX / "configs" / name), out, MergeOptions(seed=0, fsync=False))
     rec = RECORD["configs"][name]
     ours = _tensor_sha(out)
     assert set(ours) == set(rec["tensors"])
@@ -68,7 +69,7 @@ def test_published_twins_merge_to_the_same_model(tmp_path):
     digests = []
     for cfg_text in (text, text.replace("/published/", "/")):
         out = tmp_path / f"out-{len(digests)}"
-        run_merge(parse_config(cfg_text), out, seed=0, fsync=False)
+        run_merge(parse_config(cfg_text), out, MergeOptions(seed=0, fsync=False))
         digests.append(json.loads((out / "merge_manifest.json").read_text())["model_digest"])
     assert digests[0] == digests[1] and fast["swallow"] != pub["swallow"]
 
@@ -97,11 +98,11 @@ def test_published_recipe_runs_unchanged_from_a_hub_cache(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.delenv("SUPERSWALLOW_MODEL_CACHE", raising=False)
     out = tmp_path / "out"
-    run_merge(load_config(ROOT / "configs" / "superswallow.yaml"), out, seed=0, fsync=False)
+    run_merge(load_config(ROOT / "configs" / "superswallow.yaml"), out, MergeOptions(seed=0, fsync=False))
     fast = make_tiny_models(tmp_path / "fast", models=["swallow", "tulu"])
     out2 = tmp_path / "out2"
     run_merge(parse_config((ROOT / "configs" / "superswallow-tiny.yaml").read_text()
-                           .replace("models/", str(fast["swallow"].parent) + "/")), out2, seed=0, fsync=False)
+                           .replace("models/", str(fast["swallow"].parent) + "/")), out2, MergeOptions(seed=0, fsync=False))
     m1 = json.loads((out / "merge_manifest.json").read_text())
     m2 = json.loads((out2 / "merge_manifest.json").read_text())
     assert m1["model_digest"] == m2["model_digest"]

@@ -3,7 +3,8 @@
 Chosen as transformers chooses (safetensors first):
 
 1. ``model.safetensors.index.json`` and its shards, else ``model.safetensors``,
-   else every ``*.safetensors`` file;
+   else every ``*.safetensors`` file (but shards named ``*-0000k-of-0000N``
+   without their index are an incomplete set: refused);
 2. ``pytorch_model.bin.index.json`` and its shards, else ``pytorch_model.bin``
    (zip-format ``torch.save`` files, read by :mod:`.torch_zip`).
 
@@ -17,6 +18,7 @@ missing from the index or stored twice.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +35,8 @@ BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 BIN_SINGLE_NAME = "pytorch_model.bin"
 MAX_INDEX_BYTES = 64 << 20
 
+#: Hugging Face's shard names, ``<prefix>-00001-of-00005.safetensors``: only valid with their index.
+_SHARD = re.compile(r".+-\d{5}-of-\d{5}\.safetensors")
 #: Weight files we recognise but cannot read, by how their names end.
 _UNSUPPORTED = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".pkl", ".npz", ".onnx")
 
@@ -58,7 +62,13 @@ class Checkpoint:
             self._add_file(SafetensorsFile(d / SINGLE_NAME))
         elif any(d.glob("*.safetensors")):
             self.format = "safetensors"
-            for f in sorted(d.glob("*.safetensors")):
+            files = sorted(d.glob("*.safetensors"))
+            shards = [f.name for f in files if _SHARD.fullmatch(f.name)]
+            if shards:
+                raise SafetensorsError(
+                    f"{d}: {len(shards)} shard files named like {shards[0]} but no {INDEX_NAME}; "
+                    "the shard set is incomplete (an interrupted copy or merge?)")
+            for f in files:
                 self._add_file(SafetensorsFile(f))
         elif (d / BIN_INDEX_NAME).is_file():
             self.format = "pytorch"

@@ -1,4 +1,4 @@
-"""Hugging Face model folders: finding them, reading config.json, preparing output.
+"""Hugging Face model folders: finding them, reading config.json, the model card.
 
 Model references resolve to local folders, never the network:
 
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Mapping
 
-from ..errors import ModelError, OutputError
+from ..errors import ModelError
 
 
 def _cache_dirs() -> list[Path]:
@@ -83,53 +81,6 @@ def read_model_config(model_dir: Path) -> dict:
     if not isinstance(obj, dict):
         raise ModelError(f"{path}: must be a JSON object")
     return obj
-
-
-def prepare_output_dir(out_dir: Path, inputs: Mapping[str, Path], force: bool) -> Path:
-    """Check that ``out_dir`` is safe to write and create it.
-
-    Refuses a folder that is, contains, or lies inside an input model folder, and
-    a non-empty folder unless ``force``. Returns the resolved path.
-    """
-    out = Path(out_dir).expanduser().resolve()
-    for ref, inp in inputs.items():
-        inp = inp.resolve()
-        if out == inp or inp in out.parents or out in inp.parents:
-            raise OutputError(f"{out_dir}: refusing to write over input model {ref!r} ({inp})")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out_dir}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"{out_dir}: directory is not empty (use --force to overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def clear_previous_merge(out: Path) -> None:
-    """With --force: remove weight files and the index of an earlier merge."""
-    for p in out.iterdir():
-        if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")):
-            p.unlink()
-
-
-def make_staging_dir(out: Path, tag: str = "") -> Path:
-    """A fresh hidden folder inside ``out`` for temporary files."""
-    staging = out / f".superswallow-tmp-{os.getpid()}{'-' + tag if tag else ''}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    return staging
-
-
-def write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def looks_like_hf_id(ref: str) -> bool:

@@ -2,10 +2,10 @@
 
 The layout of every output shard is computed up front from ``(name, dtype,
 shape)``; tensor bytes are then written at their offsets with ``pwrite`` in
-any order, chunk by chunk, as they are produced. Files are written under
-temporary names inside a staging folder, fsynced, and renamed into place at
-:meth:`ShardedWriter.commit`; the index is renamed last, so a folder with an
-index is complete.
+any order, chunk by chunk, as they are produced, into the staging folder
+(:mod:`.commit` makes the finished folder appear). A rerun of an interrupted
+merge reopens the staging shards whose header is the planned one
+(``reuse=True``) and rewrites only the tensors not already there.
 
 The header is padded with spaces so that the data region starts at a 64-byte
 boundary (``jax.device_put`` on CPU shares 64-byte-aligned host memory).
@@ -143,17 +143,17 @@ def plan_layout(
 
 
 class ShardedWriter:
-    """Writes a planned set of shards into ``staging`` and moves them to ``out_dir``.
+    """Writes a planned set of shards into ``staging``.
 
     Usage: ``w = ShardedWriter(...)``; ``w.write(name, flat_offset, array)`` any
-    number of times (chunks of the flattened tensor, any order);
-    ``w.finish()`` (checks, fsync, close), ``w.file_sha256()``, ``w.commit()``
-    (renames) when done; ``w.abort()`` on error.
+    number of times (chunks of the flattened tensor, any order), or
+    ``w.mark_done(name)`` for a tensor a reused shard already holds;
+    ``w.finish()`` (checks, fsync, close) and ``w.file_sha256()`` when done;
+    ``w.abort()`` on error.
     """
 
-    def __init__(self, out_dir: Path, staging: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec],
-                 hash_files: bool = True, writeback: bool = False):
-        self.out_dir = Path(out_dir)
+    def __init__(self, staging: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec],
+                 hash_files: bool = True, writeback: bool = False, reuse: bool = False):
         self.staging = Path(staging)
         self.layouts = list(layouts)
         self._spec = {s.name: s for s in specs}
@@ -167,18 +167,37 @@ class ShardedWriter:
         # early writeback (when the output will be fsynced): bytes written since the last kick
         self._writeback = writeback and _START_WRITEBACK is not None
         self._dirty = [0] * len(self.layouts)
+        #: shards reopened from an earlier run (their tensors may be kept with mark_done)
+        self.reused: set[str] = set()
         for i, lay in enumerate(self.layouts):
             for name, off in lay.offsets.items():
                 self._where[name] = (i, off)
         try:
-            for lay in self.layouts:
-                self._open(lay)
+            for i, lay in enumerate(self.layouts):
+                self._open(i, lay, reuse)
         except BaseException:
             self.close_files()  # no descriptor leaks when a later shard fails
             raise
 
-    def _open(self, lay: ShardLayout) -> None:
+    def _reopen(self, path: Path, lay: ShardLayout) -> int | None:
+        """A descriptor on an earlier run's shard of exactly this layout, or None."""
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return None
+        if os.fstat(fd).st_size == lay.size and os.pread(fd, len(lay.header), 0) == lay.header:
+            return fd
+        os.close(fd)
+        return None
+
+    def _open(self, i: int, lay: ShardLayout, reuse: bool) -> None:
         path = self.staging / lay.filename
+        fd = self._reopen(path, lay) if reuse else None
+        if fd is not None:
+            self._fds.append(fd)
+            self.reused.add(lay.filename)
+            self._sha_pos[i] = None  # its bytes arrive partly from the earlier run: hashed at the end
+            return
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self._fds.append(fd)
         try:
@@ -187,8 +206,17 @@ class ShardedWriter:
             else:  # pragma: no cover - non-Linux
                 os.ftruncate(fd, lay.size)
         except OSError as e:
-            raise OutputError(f"{path}: cannot allocate {lay.size} bytes ({e.strerror})") from None
+            raise OutputError(f"{path}: cannot allocate {lay.size:,} bytes ({e.strerror})") from None
         os.pwrite(fd, lay.header, 0)
+
+    def mark_done(self, name: str) -> None:
+        """Count tensor ``name`` as written: a reused shard already holds its bytes."""
+        shard, _ = self._where[name]
+        if self.layouts[shard].filename not in self.reused:
+            raise ValueError(f"{name}: its shard {self.layouts[shard].filename} was not reused")
+        numel = math.prod(self._spec[name].shape)
+        self._ranges[name] = [(0, numel)]
+        self._written[shard] += self._spec[name].nbytes
 
     def write(self, name: str, flat_offset: int, data: np.ndarray) -> None:
         """Write ``data`` (C-contiguous, the tensor's dtype) at element ``flat_offset`` of ``name``."""
@@ -210,7 +238,10 @@ class ShardedWriter:
         elif len(buf):
             self._sha_pos[shard] = None  # out of order: hash the file at the end
         while len(buf):
-            n = os.pwrite(self._fds[shard], buf, pos)
+            try:
+                n = os.pwrite(self._fds[shard], buf, pos)
+            except OSError as e:
+                raise OutputError(f"{self.staging / self.layouts[shard].filename}: cannot write: {e.strerror or e}") from None
             buf = buf[n:]
             pos += n
         self._written[shard] += data.nbytes
@@ -263,32 +294,30 @@ class ShardedWriter:
                         f"{lay.filename}: tensor {name!r}: its {numel} elements were not written exactly once"
                     )
             if fsync:
-                os.fsync(fd)
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    raise OutputError(f"{self.staging / lay.filename}: cannot write: {e.strerror or e}") from None
         self.close_files()
-
-    def commit(self, fsync: bool = True) -> list[Path]:
-        """:meth:`finish`, then rename the shards into ``out_dir``. Returns their final paths."""
-        self.finish(fsync)
-        final = []
-        for lay in self.layouts:
-            dst = self.out_dir / lay.filename
-            os.replace(self.staging / lay.filename, dst)
-            final.append(dst)
-        return final
 
     def abort(self) -> None:
         self.close_files()
 
 
-def write_index(path: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> None:
-    """Write ``model.safetensors.index.json`` (total_size + weight_map, sorted by tensor name)."""
+def index_json(layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> bytes:
+    """``model.safetensors.index.json`` (total_size + weight_map, sorted by tensor name)."""
     weight_map = {}
     for lay in layouts:
         for name in lay.offsets:
             weight_map[name] = lay.filename
     total = sum(s.nbytes for s in specs)
     obj = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def write_index(path: Path, layouts: Sequence[ShardLayout], specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> None:
+    """Write :func:`index_json` to ``path``."""
+    Path(path).write_bytes(index_json(layouts, specs, metadata))
 
 
 def np_code(dtype: np.dtype) -> str:
@@ -304,6 +333,7 @@ __all__ = [
     "encode_header",
     "parse_size",
     "plan_layout",
+    "index_json",
     "write_index",
     "np_code",
     "INDEX_NAME",

@@ -35,6 +35,7 @@ from .load import ModelTokenizer as ModelTokenizer, load_model_tokenizer as load
 from .output import (
     OutputTokenizer as OutputTokenizer,
     build_output_tokenizer as build_output_tokenizer,
+    tokenizer_files as tokenizer_files,
     write_tokenizer as write_tokenizer,
 )
 from .overrides import TokenOverride as TokenOverride, overrides_from_config as overrides_from_config

@@ -29,7 +29,6 @@ Output vocabulary (:func:`build_output_tokenizer`)
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,7 +37,7 @@ from ..errors import OutputError, TokenizerError
 from .load import _LIST_ATTRS, _SPECIAL_ATTRS, ModelTokenizer, _json_copy, _special_values, _Vocab
 from .overrides import TokenOverride
 
-__all__ = ["OutputTokenizer", "build_output_tokenizer", "write_tokenizer"]
+__all__ = ["OutputTokenizer", "build_output_tokenizer", "tokenizer_files", "write_tokenizer"]
 
 
 def _merge_parts(m: Any) -> tuple[str, str] | None:
@@ -229,34 +228,40 @@ def build_output_tokenizer(
     return OutputTokenizer(tuple(tokens), tj, cfg, stm, padded, source, sp_model)  # type: ignore[arg-type]
 
 
-def write_tokenizer(out_dir: Path, tok: OutputTokenizer, chat_template: str | None) -> list[Path]:
-    """Write ``tokenizer.json``, ``tokenizer_config.json`` (with ``chat_template``
-    when given), ``special_tokens_map.json`` (only if the source had one) and
+def tokenizer_files(tok: OutputTokenizer, chat_template: str | None) -> dict[str, bytes]:
+    """The files of the merged tokenizer, by name: ``tokenizer.json``,
+    ``tokenizer_config.json`` (with ``chat_template`` when given),
+    ``special_tokens_map.json`` (only if the source had one) and
     ``tokenizer.model`` (when :attr:`OutputTokenizer.sentencepiece_model` is
-    set) into ``out_dir``. Returns the written paths. ``tok`` is not modified."""
-    out_dir = Path(out_dir)
+    set). ``tok`` is not modified."""
     cfg = _json_copy(tok.tokenizer_config) if tok.tokenizer_config is not None else {}
     if chat_template is not None:
         cfg["chat_template"] = chat_template
-    files = [("tokenizer.json", tok.tokenizer_json), ("tokenizer_config.json", cfg)]
-    if tok.special_tokens_map is not None:
-        files.append(("special_tokens_map.json", tok.special_tokens_map))
-    written = []
+    out: dict[str, bytes] = {}
     if tok.sentencepiece_model is not None:
-        path = out_dir / "tokenizer.model"
         try:
-            shutil.copyfile(tok.sentencepiece_model, path)
+            out["tokenizer.model"] = Path(tok.sentencepiece_model).read_bytes()
         except OSError as e:
-            raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
-        written.append(path)
-    for name, data in files:
-        path = out_dir / name
+            raise TokenizerError(f"{tok.sentencepiece_model}: cannot read: {e.strerror or e}") from None
+    out["tokenizer.json"] = _json_bytes(tok.tokenizer_json)
+    out["tokenizer_config.json"] = _json_bytes(cfg)
+    if tok.special_tokens_map is not None:
+        out["special_tokens_map.json"] = _json_bytes(tok.special_tokens_map)
+    return out
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_tokenizer(out_dir: Path, tok: OutputTokenizer, chat_template: str | None) -> list[Path]:
+    """Write :func:`tokenizer_files` into ``out_dir``; returns the written paths."""
+    written = []
+    for name, data in tokenizer_files(tok, chat_template).items():
+        path = Path(out_dir) / name
         try:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, ensure_ascii=False)
-                f.write("\n")
+            path.write_bytes(data)
         except OSError as e:
             raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
         written.append(path)
     return written
-
