@@ -61,7 +61,10 @@ GROUPS = ("floor", "ours", "ours-lib", "mergekit", "startup")
 RECIPES = {
     "superswallow": REPO / "configs" / "superswallow-tiny.yaml",
     "dare-d0.5": REPO / "configs" / "examples" / "dare-ties-d05.yaml",
+    # the same pair saved as published (tulu: .bin shards; both: tokenizer.model only)
+    "superswallow-bin": REPO / "configs" / "superswallow-tiny-published.yaml",
 }
+DEFAULT_RECIPES = ("superswallow", "dare-d0.5")
 TIME = "/usr/bin/time"
 
 
@@ -113,7 +116,7 @@ def loadavg() -> str:
 
 def cached_fraction(dirs: list[Path]) -> float | None:
     """Fraction of the inputs' weight bytes resident in the page cache (``fincore``), or None."""
-    files = [str(f) for d in dirs for f in sorted(d.glob("*.safetensors"))]
+    files = [str(f) for d in dirs for f in weight_files(d)]
     if not files or not shutil.which("fincore"):
         return None
     try:
@@ -132,28 +135,40 @@ def cached_fraction(dirs: list[Path]) -> float | None:
 
 
 def have_model(d: Path) -> bool:
-    return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+    return (d / "config.json").is_file() and bool(weight_files(d))
 
 
 def ensure_models(models: Path, preset: str, names: tuple[str, ...]) -> None:
+    """Make the missing ``names`` (``published/<name>``: ``tiny --published`` into ``models/published``)."""
     missing = [n for n in names if not have_model(models / n)]
     if not missing:
         print(f"# reusing {preset} models in {models}")
         return
-    print(f"# making {preset} models {missing} in {models} (superswallow tiny --preset {preset}) ...", flush=True)
-    t = time.perf_counter()
-    subprocess.run([cli_path(), "tiny", str(models), "--preset", preset, *(a for n in missing for a in ("--model", n))],
-                   check=True, stdout=subprocess.DEVNULL)
-    print(f"# made in {time.perf_counter() - t:.1f} s")
+    for pub in (False, True):
+        some = [n.removeprefix("published/") for n in missing if n.startswith("published/") == pub]
+        if not some:
+            continue
+        where = models / "published" if pub else models
+        print(f"# making {preset} models {some} in {where} (superswallow tiny --preset {preset}"
+              f"{' --published' if pub else ''}) ...", flush=True)
+        t = time.perf_counter()
+        subprocess.run([cli_path(), "tiny", str(where), "--preset", preset, *(["--published"] if pub else []),
+                        *(a for n in some for a in ("--model", n))], check=True, stdout=subprocess.DEVNULL)
+        print(f"# made in {time.perf_counter() - t:.1f} s")
 
 
 def config_models(cfg: Path) -> set[str]:
-    """The ``models/<name>`` folders a config refers to."""
-    return set(re.findall(r"(?<![\w/.])models/([\w.-]+)", cfg.read_text(encoding="utf-8")))
+    """The ``models/<name>`` (or ``models/published/<name>``) folders a config refers to."""
+    return set(re.findall(r"(?<![\w/.])models/((?:published/)?[\w.-]+)", cfg.read_text(encoding="utf-8")))
+
+
+def weight_files(d: Path) -> list[Path]:
+    """A model folder's weight files, safetensors or pickled ``.bin``."""
+    return sorted([*d.glob("*.safetensors"), *d.glob("pytorch_model*.bin")])
 
 
 def weight_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in weight_files(d))
 
 
 def warm(dirs: list[Path]) -> float:
@@ -161,7 +176,7 @@ def warm(dirs: list[Path]) -> float:
     t = time.perf_counter()
     buf = bytearray(16 << 20)
     for d in dirs:
-        for f in sorted(d.glob("*.safetensors")):
+        for f in weight_files(d):
             with open(f, "rb", buffering=0) as fh:
                 while fh.readinto(buf):
                     pass
@@ -430,7 +445,7 @@ def main() -> None:
     ap.add_argument("--pretouch-gb", type=float, default=4.0,
                     help="touch and free this much memory before each timed command (0: off; see pretouch())")
     ap.add_argument("--recipes", default=None,
-                    help=f"comma list of {','.join(RECIPES)} (default: both, or none when --configs is given)")
+                    help=f"comma list of {','.join(RECIPES)} (default: {','.join(DEFAULT_RECIPES)}, or none when --configs is given)")
     ap.add_argument("--configs", nargs="*", type=Path, default=[],
                     help="more configs to time, named by file stem (e.g. configs/examples/*.yaml); their "
                          "models/<name> paths point into --models, where missing 1.3gb models are made")
@@ -441,7 +456,7 @@ def main() -> None:
     args = ap.parse_args()
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     if args.recipes is None:
-        args.recipes = [] if args.configs else list(RECIPES)
+        args.recipes = [] if args.configs else list(DEFAULT_RECIPES)
     else:
         args.recipes = [x.strip() for x in args.recipes.split(",") if x.strip()]
     if set(args.recipes) - set(RECIPES):
@@ -479,7 +494,7 @@ def main() -> None:
         tiny = models / "tiny"
         ensure_models(tiny, "tiny", ("swallow", "tulu"))
     inputs = [models / n for n in sorted(needed)]
-    print("# inputs: " + ", ".join(f"{d.name} {weight_bytes(d) / 1e9:.3f} GB" for d in inputs))
+    print("# inputs: " + ", ".join(f"{d.relative_to(models)} {weight_bytes(d) / 1e9:.3f} GB" for d in inputs))
 
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="ssj-bench-"))
     work.mkdir(parents=True, exist_ok=True)

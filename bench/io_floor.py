@@ -1,6 +1,6 @@
 """I/O floor for a two-model merge: the least work any merger must do.
 
-Reads every ``*.safetensors`` file of two model folders once (``readinto`` a
+Reads every weight file (``*.safetensors``, ``pytorch_model*.bin``) of two model folders once (``readinto`` a
 reused buffer, so nothing is computed and nothing is kept) and writes one
 output file as large as the first model's weights with ``posix_fallocate`` +
 ``os.pwrite``. No fsync (the page cache absorbs the write, as it does for any
@@ -22,9 +22,9 @@ from pathlib import Path
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    files = sorted([*Path(model_dir).glob("*.safetensors"), *Path(model_dir).glob("pytorch_model*.bin")])
     if not files:
-        raise SystemExit(f"{model_dir}: no *.safetensors files")
+        raise SystemExit(f"{model_dir}: no *.safetensors or pytorch_model*.bin files")
     return files
 
 
