@@ -286,6 +286,21 @@ def test_not_a_zip_truncated_and_huge_directory(tmp_path):
     _check_error(ei, tmp_path / "missing.bin", "file not found")
 
 
+@pytest.mark.parametrize("offset", [0xFFFFFFF0, 5])
+def test_member_header_offsets_outside_the_file_refused(tmp_path, offset):
+    # found by a 20,000-file fuzz run: a central directory entry pointing past the end (or into the
+    # middle of another header) must not reach seek() or the reads unchecked
+    write_torch_bin(tmp_path / "a.bin", _arrays())
+    raw = bytearray((tmp_path / "a.bin").read_bytes())
+    cd = raw.find(b"PK\x01\x02")
+    raw[cd + 42 : cd + 46] = struct.pack("<I", offset)
+    path = tmp_path / "off.bin"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SafetensorsError) as ei:
+        TorchFile(path)
+    _check_error(ei, path)
+
+
 def test_big_endian_refused(tmp_path):
     write_torch_bin(tmp_path / "a.bin", _arrays())
     path = _rezip(tmp_path / "a.bin", tmp_path / "be.bin",

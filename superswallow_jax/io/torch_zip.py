@@ -193,6 +193,8 @@ def _data_start(path: Path, f: io.BufferedReader, info: zipfile.ZipInfo, size: i
         raise fail(path, f"member {_short(info.filename)} is encrypted")
     if info.compress_size != info.file_size:
         raise fail(path, f"member {_short(info.filename)}: stored size {info.compress_size} != size {info.file_size}")
+    if not 0 <= info.header_offset <= size - 30:
+        raise fail(path, f"member {_short(info.filename)}: local header offset {info.header_offset} outside the file")
     f.seek(info.header_offset)
     local = f.read(30)
     if len(local) != 30 or local[:4] != b"PK\x03\x04":
@@ -306,6 +308,8 @@ def read_torch_tensors(path: Path) -> tuple[dict[str, TensorInfo], int]:
         raise fail(path, "is a directory, expected a .bin file") from None
     except PermissionError:
         raise fail(path, "permission denied") from None
+    except (OSError, ValueError, OverflowError, struct.error) as e:  # offsets the checks above did not foresee
+        raise fail(path, f"malformed zip archive ({type(e).__name__}: {_short(str(e))})") from None
 
 
 def _tensor_infos(path: Path, f: io.BufferedReader, zf: zipfile.ZipFile, prefix: str, size: int,
