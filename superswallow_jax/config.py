@@ -15,11 +15,11 @@ from typing import Any, Mapping
 
 import yaml
 
+from .dtypes import config_code
 from .errors import ConfigError
 from .methods.registry import ALL_PARAMS, METHODS, MethodSpec, get_method
 from .params import Setting, parse_setting
 
-DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 @dataclass(frozen=True)
@@ -136,10 +136,10 @@ def _params(raw: object, where: str, method: MethodSpec, allowed: Mapping[str, A
 def _dtype(raw: object, where: str) -> str | None:
     if raw is None:
         return None
-    name = str(raw).removeprefix("torch.")
-    if name not in DTYPE_NAMES:
-        raise ConfigError(f"{where}: unsupported dtype {raw!r} (use float32, float16 or bfloat16)")
-    return DTYPE_NAMES[name]
+    code = config_code(str(raw))
+    if code is None:
+        raise ConfigError(f"{where}: unsupported dtype {str(raw)[:80]!r} (use float32, float16 or bfloat16)")
+    return code
 
 
 def _layer_range(raw: object, where: str) -> tuple[int, int]:

@@ -68,8 +68,7 @@ def _tokenizer(plan: Plan, donor: Path) -> dict[str, bytes]:
 def _card(plan: Plan, out_name: str) -> bytes:
     cfg = plan.config
     base = cfg.base_model
-    # mergekit's card: slerp names no base and lists every model as merged
-    show_base = plan.method.base != "none" and plan.method.name != "slerp"
+    show_base = plan.method.base != "none" and plan.method.card_names_base
     others = [m for m in cfg.referenced_models() if m != base or not show_base]
     return md.model_card(
         out_name, plan.method.pretty or plan.method.name, plan.method.reference, base, others, cfg.text,

@@ -28,16 +28,15 @@ from typing import Any, Iterator, Mapping, Sequence
 from .architecture import Architecture, WeightTemplate, resolve_architecture
 from .chat_template import resolve_chat_template
 from .config import MergeConfig, SliceSpec, SourceSpec
+from .dtypes import BY_CODE, FLOAT_CODES
 from .errors import ConfigError, PlanError
 from .io.model_dir import read_model_config, resolve_model_dir
 from .io.checkpoint import Checkpoint
-from .io.reader import DTYPES, TensorInfo
+from .io.reader import TensorInfo
 from .io.writer import TensorSpec, assign_shards
 from .methods.registry import MethodSpec
 from .params import Setting
 
-CODE_TO_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
-FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass
@@ -81,7 +80,7 @@ class Step:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPES[self.out_dtype].itemsize
+        return self.numel * BY_CODE[self.out_dtype].itemsize
 
     @property
     def input_bytes(self) -> int:
@@ -135,11 +134,6 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
     raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
 
 
-#: Kinds whose per-model parameters apply to non-base models only (mergekit's
-#: ``PerNonBase``): the base needs no ``weight``.
-NON_BASE_PARAM_KINDS = frozenset({"gta", "nuslerp", "multislerp"})
-
-
 def _eval_levels(levels: Sequence[tuple[Mapping[str, Setting], str]], pname: str, name: str, t: float):
     for params, where in levels:
         s = params.get(pname)
@@ -165,7 +159,7 @@ def _resolve_model_params(
         v, where = _eval_levels(levels, pname, in_name, t)
         if v is None:
             if p.required:
-                if is_base and method.kind in NON_BASE_PARAM_KINDS:
+                if is_base and not method.base_takes_model_params:
                     continue
                 raise ConfigError(f"missing required parameter {pname!r} for model {label} at tensor {in_name}")
             v, where = p.default, "default"
@@ -315,11 +309,11 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
         if cfg.base_model is None:
             raise ConfigError(f"base_model: merge_method {method.name} needs a base model")
         raise ConfigError(f"base_model: {cfg.base_model} is not a source of every slice")
-    if method.kind == "passthrough":
+    if method.one_source_per_slice:
         for s in slices:
             if len(s.sources) != 1:
                 where = s.slice.where if s.slice else "models"
-                raise ConfigError(f"{where}: passthrough takes exactly one model per slice, got {len(s.sources)}")
+                raise ConfigError(f"{where}: {method.name} takes exactly one model per slice, got {len(s.sources)}")
     if method.inputs is not None:
         for s in slices:
             _check_inputs(method, len(s.sources), s.base is not None, s.slice.where if s.slice else "models", ConfigError)
@@ -387,7 +381,7 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
                 raise PlanError(f"tensor {out_name}: shape mismatch between models ({detail}){hint}")
             shape = shapes.pop()
         base_pos = next((i for i, (m, _, _) in enumerate(srcs) if m == sl.base), None)
-        if method.kind == "gta" and base_pos is None:
+        if method.needs_base_tensor and base_pos is None:
             raise PlanError(f"tensor {out_name}: base model {models[sl.base].key if sl.base is not None else '?'} lacks it")
         work = dtype or _promote([info.dtype for _, _, info in srcs])
         if work == "F64":
@@ -404,10 +398,15 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
             alignment = tok_mod.align_embeddings(
                 tokenizer, [mtoks[m] for m, _, _ in srcs], [models[m].key for m, _, _ in srcs], base_pos, overrides,
             )
+        gparams = _resolve_global_params(method, sl.slice, cfg, out_name, t)
+        if method.validate is not None:
+            for i, src in enumerate(sources):
+                if i != base_pos:
+                    method.validate({**gparams, **src.params}, f"tensor {out_name}, model {models[src.model].key}")
         steps.append(Step(
             name=out_name, shape=tuple(shape), out_dtype=forced_out or _result_dtype(method, work, len(srcs), base_pos),
             work_dtype=work, sources=sources,
-            base=base_pos, params=_resolve_global_params(method, sl.slice, cfg, out_name, t), embed=embed, t=t,
+            base=base_pos, params=gparams, embed=embed, t=t,
             layer=out_layer, alignment=alignment,
         ))
 
@@ -432,7 +431,7 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
     # ---- output config.json
     donor = base_model if base_model is not None else 0
     out_cfg = dict(models[donor].config)
-    dname = CODE_TO_NAME.get(forced_out or dtype or "")
+    dname = BY_CODE[forced_out or dtype].name if (forced_out or dtype) else None
     if dname:
         # transformers v5 writes "dtype", 4.x "torch_dtype": update what the base uses
         keys = [k for k in ("dtype", "torch_dtype") if k in out_cfg] or ["torch_dtype"]

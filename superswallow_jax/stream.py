@@ -17,7 +17,7 @@ import numpy as np
 
 from .devices import Placement
 from .hostbuf import HostBuffers
-from .io.reader import DTYPES
+from .dtypes import NP
 from .methods import sparsify as sp
 from .passcache import PassCache
 from .plan import Plan, Step
@@ -83,7 +83,7 @@ class InputFetcher:
             return self._view(step, i).reshape(-1)[a:b]
         hidden = step.shape[1]
         r0, r1 = a // hidden, -(-b // hidden)
-        rows = step.alignment.aligned_rows(i, r0, r1, lambda j, ids: self._rows(step, j, ids), DTYPES[step.work_dtype],
+        rows = step.alignment.aligned_rows(i, r0, r1, lambda j, ids: self._rows(step, j, ids), NP[step.work_dtype],
                                            tensor=step.name)
         return np.ascontiguousarray(rows).reshape(-1)[a - r0 * hidden : b - r0 * hidden]
 

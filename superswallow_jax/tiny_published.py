@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .io.tensor_file import CODES
+from .dtypes import CODES
 
 __all__ = ["sentencepiece_model", "slow_tokenizer_config", "special_tokens_map", "write_torch_bin"]
 

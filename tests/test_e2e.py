@@ -349,3 +349,13 @@ def test_console_entry_exit_codes_and_flushed_output(models, tmp_path):
                         capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip().startswith("wrote 39 tensors") and (tmp_path / "o" / "model.safetensors.index.json").exists()
+
+
+def test_della_ranges_fail_at_plan_time(models, tmp_path):
+    from superswallow_jax.errors import ConfigError
+    from superswallow_jax.plan import build_plan
+
+    text = recipe(models, "examples/della.yaml").replace("epsilon: 0.1", "epsilon: 0.6")
+    assert "epsilon: 0.6" in text
+    with pytest.raises(ConfigError, match="della needs 0 < density -/\\+ epsilon < 1"):
+        build_plan(parse_config(text))

@@ -14,7 +14,8 @@ from superswallow_jax import prng
 from superswallow_jax.errors import ConfigError
 from superswallow_jax.methods import vecsum
 from superswallow_jax.methods.registry import METHODS
-from superswallow_jax.programs import PREPARERS
+from superswallow_jax.methods.registry import METHODS
+from superswallow_jax.programs import load
 from superswallow_jax.programs import geometric as geo
 from superswallow_jax.stream import bucket_for, pad
 
@@ -50,7 +51,7 @@ class FakeCtx:
 
 def run(kind, arrays, chunk=1 << 20, **kw):
     ctx = FakeCtx(arrays, chunk=chunk, **kw)
-    prog = PREPARERS[kind](ctx)
+    prog = load(METHODS[kind])(ctx)
     parts = [np.asarray(prog(ctx.inputs(a, b), a, b))[: b - a] for a, b in ctx.chunks()]
     return np.concatenate(parts).reshape(ctx.step.shape)
 

@@ -105,7 +105,8 @@ def test_registry_names_params_defaults():
     for name, cons, norm, resc in [("breadcrumbs", None, False, False), ("breadcrumbs_ties", "sum", False, False),
                                    ("della", "sum", True, True), ("della_linear", None, False, True)]:
         spec = m[name]
-        assert spec.kind == "gta" and spec.consensus == cons and spec.base == "required"
+        assert spec.program == "gta:prepare_gta" and spec.consensus == cons and spec.base == "required"
+        assert spec.needs_base_tensor and not spec.base_takes_model_params
         assert spec.global_["normalize"].default is norm and spec.global_["rescale"].default is resc
         assert spec.per_model["weight"].required and spec.per_model["density"].default == 1.0
     assert m["breadcrumbs"].per_model["gamma"].default == 0.01 and "epsilon" not in m["breadcrumbs"].per_model
@@ -271,8 +272,12 @@ def test_della_rejects_bad_epsilon_and_zero_density():
 
     rng = np.random.default_rng(7)
     base, xs = _models(rng, (8, 64), 1)
+    check = METHODS["della"].validate  # run by the planner for every model at every tensor
     with pytest.raises(ConfigError, match="models/m1: della needs 0 < density -/\\+ epsilon"):
-        run_program("della", [base, *xs], [{"weight": 1.0, "density": 0.9, "epsilon": 0.15}])
+        check({"weight": 1.0, "density": 0.9, "epsilon": 0.15}, "tensor t, model models/m1")
+    check({"weight": 1.0, "density": 0.5, "epsilon": 0.15}, "tensor t, model models/m1")
+    check({"weight": 1.0, "density": 0.0, "epsilon": 0.15}, "tensor t, model models/m1")  # zero: allowed
+    assert METHODS["della_linear"].validate is check and METHODS["ties"].validate is None
     out = run_program("della", [base, *xs], [{"weight": 1.0, "density": 0.0}])  # zeros_like: the base
     assert np.array_equal(_f32(out), _f32(base))
 

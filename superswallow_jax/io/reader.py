@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .tensor_file import CODES, DTYPES, TensorFile, TensorInfo, fail as _fail
+from ..dtypes import CODES, NP as DTYPES
+from .tensor_file import TensorFile, TensorInfo, fail as _fail
 
 __all__ = ["CODES", "DTYPES", "Header", "INDEX_NAME", "MAX_HEADER_BYTES", "SINGLE_NAME", "SafetensorsFile", "TensorInfo",
            "parse_header", "read_header"]

@@ -27,33 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-import ml_dtypes
 import numpy as np
 
+from ..dtypes import NP
 from ..errors import SafetensorsError
 
 #: ``preadv2`` flag: fail with EAGAIN rather than wait for the disk (Linux >= 4.14); 0 where absent.
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
-#: dtype code (safetensors' names) -> numpy dtype. Only float formats are
-#: mergeable; the integer and bool codes are readable so that buffers can be
-#: passed through.
-DTYPES: Mapping[str, np.dtype] = {
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F16": np.dtype(np.float16),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "I16": np.dtype(np.int16),
-    "U16": np.dtype(np.uint16),
-    "I32": np.dtype(np.int32),
-    "U32": np.dtype(np.uint32),
-    "I64": np.dtype(np.int64),
-    "U64": np.dtype(np.uint64),
-    "BOOL": np.dtype(np.bool_),
-}
-CODES: Mapping[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+#: dtype code -> numpy dtype (:mod:`superswallow_jax.dtypes`). Only float
+#: formats are mergeable; the integer and bool codes are readable so that
+#: buffers can be passed through.
+DTYPES: Mapping[str, np.dtype] = NP
 
 
 @dataclass(frozen=True)

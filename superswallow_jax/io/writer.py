@@ -26,7 +26,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import OutputError
-from .reader import CODES, DTYPES, INDEX_NAME, SINGLE_NAME
+from ..dtypes import CODES, NP as DTYPES
+from .reader import INDEX_NAME, SINGLE_NAME
 
 ALIGN = 64
 #: With fsync on, writeback of a shard is started every this many bytes

@@ -19,6 +19,9 @@ from typing import Callable, Sequence
 
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
+
+from ..dtypes import CODES
 
 #: (exponent bits, mantissa bits) for each working dtype code.
 PRECISION = {"BF16": (8, 7)}
@@ -102,16 +105,13 @@ def as_f32(x: jnp.ndarray) -> jnp.ndarray:
     return x.astype(jnp.float32)
 
 
-_CODE_OF = {jnp.dtype(jnp.bfloat16): "BF16", jnp.dtype(jnp.float16): "F16", jnp.dtype(jnp.float32): "F32"}
-
-
 def to_work(x: jnp.ndarray, code: str) -> jnp.ndarray:
     """``x`` (any float dtype) as float32 holding dtype-``code`` values.
 
     The cast to ``code`` is skipped when ``x`` already has that dtype (exact).
     """
     y = as_f32(x)
-    return y if _CODE_OF.get(jnp.dtype(x.dtype)) == code else rounder(code)(y)
+    return y if CODES.get(np.dtype(x.dtype)) == code else rounder(code)(y)
 
 
 def _two_sum(a: jnp.ndarray, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -1,14 +1,22 @@
-"""Merge methods by mergekit name: their parameters, defaults and roles.
+"""Merge methods by mergekit name: one entry holds everything the rest of the code knows of a method.
 
-This is data, not behaviour: the executor maps ``MethodSpec.kind`` to a pure
-kernel in :mod:`superswallow_jax.methods`. Parameter names and defaults follow
-mergekit 0.1.5.
+An entry (:class:`MethodSpec`) names the method's parameters with their
+defaults, its input contract, the facts the planner needs (whether every
+tensor needs the base's, whether the base takes per-model parameters, one
+source per slice, what the model card says), a ``validate`` hook run at plan
+time for each model's resolved parameters, and its chunk program: the
+``prepare`` function in :mod:`superswallow_jax.programs` that turns a step
+into a chunk program over the pure kernels of :mod:`superswallow_jax.methods`.
+Parameter names and defaults follow mergekit 0.1.5.
+
+Adding a method: a kernel module in ``methods/``, a ``prepare`` function in
+``programs/``, and one entry here (docs/design.md, "Adding a method").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 REQUIRED = object()
 
@@ -48,21 +56,33 @@ class Inputs:
     optional: str = "error"
 
 
+#: ``validate(params, where)``: a model's resolved parameters (per-model and
+#: global together) at one tensor; raises ConfigError naming ``where``.
+Validator = Callable[[Mapping[str, Any], str], None]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merge method: mergekit name, parameters, and which kernel runs it.
+    """A merge method: mergekit name, parameters, and the program that runs it.
 
-    ``kind`` names the chunk program (``"linear"``, ``"gta"``, ``"sce"``,
-    ``"ram"``, ``"passthrough"``, ...). For ``gta``, ``sparsify`` is ``None``,
-    ``"random"``, ``"magnitude"``, ``"magnitude_outliers"`` or ``"della"`` and
-    ``consensus`` is ``None`` or ``"sum"``. ``result_dtype``, when set, is the
-    dtype mergekit returns (and saves, unless ``out_dtype`` is set) for tensors
-    with at least one non-base input, whatever the working dtype (ramplus_tl
-    promotes to float32).
+    ``program`` is ``"<module of superswallow_jax.programs>:<prepare function>"``,
+    imported when a merge first needs it. For the GTA family ``sparsify`` is
+    ``None``, ``"random"``, ``"magnitude"``, ``"magnitude_outliers"`` or
+    ``"della"`` and ``consensus`` is ``None`` or ``"sum"``. ``result_dtype``,
+    when set, is the dtype mergekit returns (and saves, unless ``out_dtype``
+    is set) for tensors with at least one non-base input, whatever the working
+    dtype (ramplus_tl promotes to float32).
+
+    Planner facts: ``base_takes_model_params`` (False: per-model parameters
+    apply to the other models only, mergekit's ``PerNonBase``);
+    ``needs_base_tensor`` (every output tensor needs the base model's);
+    ``one_source_per_slice``; ``card_names_base`` (the model card says
+    "using <base> as a base"); ``validate`` (run for every non-base model at
+    every tensor once its parameters are resolved).
     """
 
     name: str
-    kind: str
+    program: str
     doc: str
     per_model: Mapping[str, Param] = field(default_factory=dict)
     global_: Mapping[str, Param] = field(default_factory=dict)
@@ -73,17 +93,30 @@ class MethodSpec:
     reference: str = ""
     result_dtype: str | None = None
     inputs: Inputs | None = None  # None: no contract checks beyond ``base``
+    base_takes_model_params: bool = True
+    needs_base_tensor: bool = False
+    one_source_per_slice: bool = False
+    card_names_base: bool = True
+    validate: Validator | None = None
 
     @property
     def params(self) -> Mapping[str, Param]:
         return {**self.per_model, **self.global_}
 
 
+def _della_ranges(params: Mapping[str, Any], where: str) -> None:
+    from ..errors import ConfigError
+
+    dens, eps = params.get("density", 1.0), params.get("epsilon", 0.15)
+    if 0 < dens < 1 and (dens + eps >= 1 or dens - eps <= 0):
+        raise ConfigError(f"{where}: della needs 0 < density -/+ epsilon < 1 (density={dens:g}, epsilon={eps:g})")
+
+
 def _gta(name: str, doc: str, *, sparsify, consensus, normalize: bool, rescale: bool, pretty: str, ref: str,
          extra: tuple[Param, ...] = ()) -> MethodSpec:
     return MethodSpec(
         name=name,
-        kind="gta",
+        program="gta:prepare_gta",
         doc=doc,
         per_model={
             "weight": Param("weight", float, REQUIRED, "scale of this model's task vector"),
@@ -101,6 +134,9 @@ def _gta(name: str, doc: str, *, sparsify, consensus, normalize: bool, rescale: 
         base="required",
         pretty=pretty,
         reference=ref,
+        base_takes_model_params=False,
+        needs_base_tensor=True,
+        validate=_della_ranges if sparsify == "della" else None,
     )
 
 
@@ -116,7 +152,7 @@ EPSILON = Param("epsilon", float, 0.15, "keep probabilities span density -/+ eps
 METHODS: Mapping[str, MethodSpec] = {
     "linear": MethodSpec(
         "linear",
-        "linear",
+        "basic:prepare_linear",
         "weighted average of the models (f32 accumulation)",
         per_model={"weight": Param("weight", float, REQUIRED, "weight of this model")},
         global_={"normalize": Param("normalize", bool, True, "divide by the sum of weights")},
@@ -161,7 +197,7 @@ METHODS: Mapping[str, MethodSpec] = {
     ),
     "sce": MethodSpec(
         "sce",
-        "sce",
+        "sce:prepare_sce",
         "SCE: select high-variance entries, weight task vectors by mean square, erase minority signs",
         global_={
             "int8_mask": Param("int8_mask", bool, False, "storage hint; no effect on results"),
@@ -173,7 +209,7 @@ METHODS: Mapping[str, MethodSpec] = {
     ),
     "ram": MethodSpec(
         "ram",
-        "ram",
+        "ram:prepare_ram",
         "RAM: keep changes made by one model, average changes made by several",
         global_={"epsilon": Param("epsilon", float, 1e-5, "|task vector| above this counts as a change")},
         base="required",
@@ -182,7 +218,7 @@ METHODS: Mapping[str, MethodSpec] = {
     ),
     "ramplus_tl": MethodSpec(
         "ramplus_tl",
-        "ram",
+        "ram:prepare_ramplus_tl",
         "RAM+ (tensor-local): RAM with unique changes scaled up by the tensor's shared/unique ratio (float32 result)",
         global_={
             "r": Param("r", float, 0.1, "scale of the shared/unique ratio"),
@@ -196,25 +232,27 @@ METHODS: Mapping[str, MethodSpec] = {
     ),
     "passthrough": MethodSpec(
         "passthrough",
-        "passthrough",
+        "basic:prepare_passthrough",
         "copy the single input tensor (optionally scaled)",
         per_model={"scale": Param("scale", float, None, "multiply the tensor by this")},
         base="none",
         pretty="Passthrough",
+        one_source_per_slice=True,
     ),
     "slerp": MethodSpec(
         "slerp",
-        "slerp",
+        "geometric:prepare_slerp",
         "spherical interpolation from the base (t = 0) to the other model (t = 1), float32 math",
         global_={"t": Param("t", float, REQUIRED, "interpolation factor")},
         base="required",
         pretty="SLERP",
         reference="https://en.wikipedia.org/wiki/Slerp",
         inputs=Inputs(min_inputs=2, max_inputs=2, optional="passthrough_singleton"),
+        card_names_base=False,  # mergekit's card lists every model of a slerp as merged
     ),
     "nuslerp": MethodSpec(
         "nuslerp",
-        "nuslerp",
+        "geometric:prepare_nuslerp",
         "spherical interpolation of two models (or their task vectors) at t = w2 / (w1 + w2)",
         per_model={"weight": Param("weight", float, REQUIRED, "relative weight of this model")},
         global_={
@@ -224,10 +262,11 @@ METHODS: Mapping[str, MethodSpec] = {
         base="optional",
         pretty="NuSLERP",
         inputs=Inputs(min_non_base=2, max_non_base=2, optional="passthrough_singleton"),
+        base_takes_model_params=False,
     ),
     "multislerp": MethodSpec(
         "multislerp",
-        "multislerp",
+        "geometric:prepare_multislerp",
         "barycentric interpolation of any number of models on the hypersphere",
         per_model={"weight": Param("weight", float, REQUIRED, "weight of this model")},
         global_={
@@ -238,10 +277,11 @@ METHODS: Mapping[str, MethodSpec] = {
         pretty="Multi-SLERP",
         reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
         inputs=Inputs(min_non_base=1),
+        base_takes_model_params=False,
     ),
     "karcher": MethodSpec(
         "karcher",
-        "karcher",
+        "geometric:prepare_karcher",
         "equal-weight Karcher mean of all inputs on the hypersphere, scaled by their mean norm",
         global_={
             "max_iter": Param("max_iter", int, 10, "maximum iterations"),
@@ -254,7 +294,7 @@ METHODS: Mapping[str, MethodSpec] = {
     ),
     "model_stock": MethodSpec(
         "model_stock",
-        "model_stock",
+        "geometric:prepare_model_stock",
         "interpolate between the base and the average of >= 2 models by their task-vector angles",
         global_={"filter_wise": Param("filter_wise", bool, False, "one ratio per row instead of per tensor")},
         base="required",
@@ -264,7 +304,7 @@ METHODS: Mapping[str, MethodSpec] = {
     ),
     "nearswap": MethodSpec(
         "nearswap",
-        "nearswap",
+        "geometric:prepare_nearswap",
         "move the base towards the other model where they are within t of each other",
         global_={"t": Param("t", float, REQUIRED, "distance scale")},
         base="required",
@@ -274,7 +314,7 @@ METHODS: Mapping[str, MethodSpec] = {
     ),
     "arcee_fusion": MethodSpec(
         "arcee_fusion",
-        "arcee_fusion",
+        "geometric:prepare_arcee_fusion",
         "take the other model's values where their KL-weighted change is an upper outlier (float32 result)",
         base="required",
         pretty="Arcee Fusion",
@@ -298,7 +338,4 @@ def get_method(name: object, where: str) -> MethodSpec:
 #: Every parameter name some method accepts. A config naming a parameter that no
 #: method knows is an error (a typo); one that another method uses is ignored
 #: with a warning, as mergekit ignores it.
-ALL_PARAMS = frozenset(p for m in METHODS.values() for p in m.params) | frozenset(
-    {"gamma", "epsilon", "select_topk", "t", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise",
-     "normalize_weights", "eps", "max_iter", "tol", "r", "alpha"}
-)
+ALL_PARAMS = frozenset(p for m in METHODS.values() for p in m.params)

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-import ml_dtypes
 import numpy as np
 
-_NP = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
+from ..dtypes import NP
+
 
 
 def rnd(x, code: str) -> np.float32:
@@ -39,7 +39,7 @@ def rnd(x, code: str) -> np.float32:
     v = np.float32(x)
     if code == "F32":
         return v
-    return np.float32(v.astype(_NP[code]))
+    return np.float32(v.astype(NP[code]))
 
 
 def rnd_array(x: np.ndarray, code: str) -> np.ndarray:
@@ -47,7 +47,7 @@ def rnd_array(x: np.ndarray, code: str) -> np.ndarray:
     v = np.asarray(x).astype(np.float32)
     if code == "F32":
         return v
-    return v.astype(_NP[code]).astype(np.float32)
+    return v.astype(NP[code]).astype(np.float32)
 
 
 def f32fn(fn: Callable[[float], float], x, code: str = "F32") -> np.float32:

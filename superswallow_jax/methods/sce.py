@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .numerics import divide, rounder, sum_f32
-from .sparsify import _NP, round_scalar
+from ..dtypes import NP
+from .sparsify import round_scalar
 
 
 def squares(deltas: Sequence[jnp.ndarray], *, d: str) -> list[jnp.ndarray]:
@@ -88,7 +89,7 @@ def variance(deltas: Sequence[np.ndarray], d: str) -> np.ndarray:
         np.multiply(delta, x, out=x)
         np.add(m2, x, out=m2)
     np.divide(m2, np.float64(len(deltas)), out=m2)
-    return m2.astype(np.float32).astype(_NP[d]).astype(np.float32)
+    return m2.astype(np.float32).astype(NP[d]).astype(np.float32)
 
 
 def topk_count(nonzero: int, select_topk: float) -> int:

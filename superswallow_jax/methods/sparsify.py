@@ -31,11 +31,11 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
-import ml_dtypes
 from jax import lax
 import numpy as np
 
 from .. import prng
+from ..dtypes import NP
 from .numerics import divide, rounder
 
 
@@ -149,12 +149,11 @@ def apply_keep(delta: jnp.ndarray, keep: jnp.ndarray, factor: jnp.ndarray, *, wo
     return rounder(d)(rw(kept * factor))
 
 
-_NP = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
 
 
 def round_scalar(x: float, code: str) -> float:
     """Round a Python float to dtype ``code`` through float32 (as torch does for a f32 sum)."""
-    return float(np.float32(x).astype(_NP[code]).astype(np.float32))
+    return float(np.float32(x).astype(NP[code]).astype(np.float32))
 
 
 def rescale_factor(l1_full: float, l1_kept: float, work: str) -> float:
@@ -216,7 +215,7 @@ def abs_bits(values: np.ndarray, work: str) -> np.ndarray:
     """Unsigned integers ordered like |values| (values: float32 holding ``work`` numbers)."""
     if work == "F32":
         return values.astype(np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
-    return values.astype(_NP[work]).view(np.uint16) & np.uint16(0x7FFF)
+    return values.astype(NP[work]).view(np.uint16) & np.uint16(0x7FFF)
 
 
 def magnitude_threshold(hist: np.ndarray, k: int, shift: int = 0) -> tuple[int, int]:
@@ -235,7 +234,7 @@ def bits_to_value(bits: int, work: str) -> float:
     """The float32 value of an abs-bit pattern of dtype ``work``."""
     if work == "F32":
         return float(np.array([bits], np.uint32).view(np.float32)[0])
-    return float(np.array([bits], np.uint16).view(_NP[work]).astype(np.float32)[0])
+    return float(np.array([bits], np.uint16).view(NP[work]).astype(np.float32)[0])
 
 
 def outlier_range(density: float, gamma: float, n: int) -> tuple[int, int]:

@@ -8,25 +8,23 @@ import jax
 import numpy as np
 
 from ..errors import PlanError
-from ..io.reader import DTYPES
+from ..dtypes import NP
 from ..methods.linear import linear
 from ..methods.numerics import cast_out
 from ..methods.passthrough import passthrough
 from ..stream import StepContext
-from . import register
 
 
 @functools.lru_cache(maxsize=None)
 def _linear_kernel(work: str, out: str, normalize: bool):
-    return jax.jit(lambda xs, w: cast_out(linear(xs, w, normalize=normalize, work=work), DTYPES[out]))
+    return jax.jit(lambda xs, w: cast_out(linear(xs, w, normalize=normalize, work=work), NP[out]))
 
 
 @functools.lru_cache(maxsize=None)
 def _passthrough_kernel(work: str, out: str, scaled: bool):
-    return jax.jit(lambda x, s: cast_out(passthrough(x, s if scaled else None, work=work), DTYPES[out]))
+    return jax.jit(lambda x, s: cast_out(passthrough(x, s if scaled else None, work=work), NP[out]))
 
 
-@register("linear")
 def prepare_linear(ctx: StepContext):
     step = ctx.step
     kern = _linear_kernel(step.work_dtype, step.out_dtype, bool(step.params.get("normalize")))
@@ -54,6 +52,5 @@ def base_only_program(ctx: StepContext):
     return None
 
 
-@register("passthrough")
 def prepare_passthrough(ctx: StepContext):
     return passthrough_program(ctx, 0, ctx.step.sources[0].params.get("scale"))

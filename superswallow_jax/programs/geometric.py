@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import prng
 from ..errors import PlanError
-from ..io.reader import DTYPES
+from ..dtypes import NP
 from ..methods import arcee_fusion as af
 from ..methods import karcher as kc
 from ..methods import model_stock as ms
@@ -34,7 +34,6 @@ from ..methods.scalar import clamp, f32fn, fma32, norm, rnd, rnd_array, seq_sum3
 from ..methods.vecsum import LaneSumSq, Layout, VectorMax, VectorSums
 from ..plan import Step
 from ..stream import StepContext
-from . import register
 from .basic import passthrough_program
 
 #: mergekit's slerp reduces in parts of 2^20 elements (per output of its batch of one).
@@ -132,7 +131,7 @@ class _NormSums:
 
 
 def _cast(out: str):
-    return lambda y: cast_out(y, DTYPES[out])
+    return lambda y: cast_out(y, NP[out])
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,7 +180,6 @@ def slerp_coefficients(dot: F32, t: F32) -> tuple[F32, F32]:
     return (omt, t) if linear else (c0, c1)
 
 
-@register("slerp")
 def prepare_slerp(ctx: StepContext):
     if (p := _single(ctx)) is not None:
         return p
@@ -260,7 +258,6 @@ def _vector_layout(step: Step, row_wise: bool, flatten: bool) -> Layout:
     return Layout.cols(step.shape) if row_wise else Layout.rows(step.shape)
 
 
-@register("nuslerp")
 def prepare_nuslerp(ctx: StepContext):
     if (p := _single(ctx)) is not None:
         return p
@@ -341,7 +338,6 @@ def multislerp_weights(ws: Sequence[float], normalize: bool, work: str) -> np.nd
     return w
 
 
-@register("multislerp")
 def prepare_multislerp(ctx: StepContext):
     step = ctx.step
     nb = tuple(_non_base(step))
@@ -418,7 +414,6 @@ def _karcher_kernels(work: str, out: str, n: int):
     return {k: jax.jit(f) for k, f in dict(raw=raw, mean=mean, tangent=tangent, new=new, res=res).items()}
 
 
-@register("karcher")
 def prepare_karcher(ctx: StepContext):
     if (p := _single(ctx)) is not None:
         return p
@@ -441,7 +436,7 @@ def prepare_karcher(ctx: StepContext):
     alphas = [1.0 / n] * n
     valid = [i for i in range(n) if float(norms[i]) > tol]
     if not valid:
-        zero = jnp.zeros((ctx.bucket,), DTYPES[step.out_dtype])
+        zero = jnp.zeros((ctx.bucket,), NP[step.out_dtype])
         return lambda xs, a, b: zero
     alpha_sum = sum(alphas[i] for i in valid)
     a_valid = np.zeros(n, F32)
@@ -541,7 +536,6 @@ def model_stock_t(sum_sq: np.ndarray, pair_sums: np.ndarray, work: str) -> np.nd
     return np.where(singular, F32(0.0), rnd_array(rnd_array(c * F32(k), work) / safe, work)).astype(F32)
 
 
-@register("model_stock")
 def prepare_model_stock(ctx: StepContext):
     if (p := _single(ctx)) is not None:
         return p
@@ -572,7 +566,6 @@ def _nearswap_kernel(work: str, out: str, base: int, other: int):
     return jax.jit(lambda xs, t, floor: _cast(out)(nearswap(xs[base], xs[other], t, floor, work=work)))
 
 
-@register("nearswap")
 def prepare_nearswap(ctx: StepContext):
     if (p := _single(ctx)) is not None:
         return p
@@ -628,7 +621,6 @@ def quartile_threshold(values: np.ndarray, work: str) -> F32:
     return rnd(med + rnd(rnd(q3 - q1, work) * F32(1.5), work), work)
 
 
-@register("arcee_fusion")
 def prepare_arcee_fusion(ctx: StepContext):
     if (p := _single(ctx)) is not None:
         return p

@@ -27,14 +27,13 @@ import numpy as np
 from jax import lax
 
 from .. import prng
-from ..errors import ConfigError, PlanError
-from ..io.reader import DTYPES
+from ..errors import PlanError
+from ..dtypes import NP
 from ..methods import gta as gta_m
 from ..methods import sparsify as sp
 from ..methods.numerics import cast_out
 from ..plan import Step
 from ..stream import StepContext, pad
-from . import register
 from .basic import passthrough_program
 from .select import QuotaCursor, Selection, select_ranges
 
@@ -116,7 +115,7 @@ def _work_of(sig: KernelSig, kind: str | None) -> str:
 @functools.lru_cache(maxsize=None)
 def get_kernel(sig: KernelSig) -> Callable:
     """The jitted chunk function for ``sig`` (cached; compiled once per signature)."""
-    out_dt = DTYPES[sig.out]
+    out_dt = NP[sig.out]
 
     if sig.kind == "gta":
         def run(xs, weights, sa, lam, masks):
@@ -246,16 +245,8 @@ def _donor_kind(ctx: StepContext, i: int) -> str | None:
         return None
     if method.sparsify == "magnitude":
         return "magnitude_outliers"  # TIES keeps positions [0, k) of the magnitude order
-    if method.sparsify == "della":
-        if dens <= 0:
-            return "zero"
-        eps = params.get("epsilon", 0.15)
-        if dens + eps >= 1 or dens - eps <= 0:
-            model = ctx.plan.models[step.sources[i].model].key
-            raise ConfigError(
-                f"tensor {step.name}, model {model}: della needs 0 < density -/+ epsilon < 1 "
-                f"(density={dens:g}, epsilon={eps:g})"
-            )
+    if method.sparsify == "della" and dens <= 0:
+        return "zero"  # (the density/epsilon range is checked at plan time: MethodSpec.validate)
     return method.sparsify
 
 
@@ -388,7 +379,6 @@ def _outlier_ranges(ctx: StepContext, args: _GtaArgs, rescale: bool) -> None:
             args.sa.factors[j] = sp.rescale_factor(sel.l1_full, sel.l1_kept, sig.work)
 
 
-@register("gta")
 def prepare_gta(ctx: StepContext):
     args = _gta_setup(ctx)
     if len(args.weights) == 0:  # only the base has this tensor: copy it

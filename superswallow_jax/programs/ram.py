@@ -13,13 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..io.reader import DTYPES
+from ..dtypes import NP
 from ..methods import gta as gta_m
 from ..methods import ram as ram_m
 from ..methods.numerics import cast_out
 from ..methods.sparsify import round_scalar
 from ..stream import StepContext
-from . import register
 from .basic import base_only_program
 
 
@@ -32,7 +31,7 @@ def _merge_kernel(work: str, out: str, base: int, plus: bool):
     def run(xs, eps, lam):
         b_in, others = _split(xs, base)
         b, deltas = gta_m.task_vectors(b_in, others, d=work)
-        return cast_out(ram_m.merge(b, deltas, eps, lam if plus else None, d=work), DTYPES[out])
+        return cast_out(ram_m.merge(b, deltas, eps, lam if plus else None, d=work), NP[out])
 
     return jax.jit(run)
 
@@ -48,15 +47,23 @@ def _count_kernel(work: str, base: int, n: int):
     return jax.jit(run)
 
 
-@register("ram")
 def prepare_ram(ctx: StepContext):
+    """RAM: one pass (the merge)."""
+    return _prepare(ctx, plus=False)
+
+
+def prepare_ramplus_tl(ctx: StepContext):
+    """RAM+ (tensor-local): a counting pass for the shared/unique ratio, then the merge."""
+    return _prepare(ctx, plus=True)
+
+
+def _prepare(ctx: StepContext, plus: bool):
     if (p := base_only_program(ctx)) is not None:
         return p
     step = ctx.step
     k = len(step.sources) - 1
     work = step.work_dtype
     eps = np.float32(round_scalar(float(step.params["epsilon"]), work))
-    plus = ctx.plan.method.name == "ramplus_tl"
     lam = np.ones(k, np.float32)
     if plus:
         kern = _count_kernel(work, step.base, ctx.bucket)

@@ -16,13 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..io.reader import DTYPES
+from ..dtypes import NP
 from ..methods import gta as gta_m
 from ..methods import sce as sce_m
 from ..methods import sparsify as sp
 from ..methods.numerics import cast_out
 from ..stream import StepContext, pad
-from . import register
 from .basic import base_only_program
 from .select import select_ranges
 
@@ -54,12 +53,11 @@ def _merge_kernel(work: str, out: str, base: int, mode: str, n: int):
             keep = jnp.zeros((n,), bool)
         else:
             keep = None
-        return cast_out(sce_m.combine(b, deltas, keep, w, floor, d=work), DTYPES[out])
+        return cast_out(sce_m.combine(b, deltas, keep, w, floor, d=work), NP[out])
 
     return jax.jit(run)
 
 
-@register("sce")
 def prepare_sce(ctx: StepContext):
     if (p := base_only_program(ctx)) is not None:
         return p

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..dtypes import NP
 from ..methods import sparsify as sp
 
 Keys = Callable[[int, int], Sequence["np.ndarray | None"]]
@@ -82,7 +83,7 @@ def _i32(x: int) -> int:
 def _bits_values(bits: np.ndarray, work: str) -> np.ndarray:
     if work == "F32":
         return bits.astype(np.uint32).view(np.float32).astype(np.float64)
-    return bits.astype(np.uint16).view(sp._NP[work]).astype(np.float64)
+    return bits.astype(np.uint16).view(NP[work]).astype(np.float64)
 
 
 def select_ranges(

@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 
+from ..dtypes import NP, WORK_CODES
 from ..errors import TokenizerError
 from .load import ModelTokenizer
 from .output import OutputTokenizer
@@ -37,7 +37,7 @@ from .torch_sum import TorchDim0Sum
 __all__ = ["EmbeddingAlignment", "align_embeddings"]
 
 _F32 = np.dtype(np.float32)
-_WORK_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), _F32)
+_WORK_DTYPES = tuple(NP[c] for c in WORK_CODES)
 _K_NONE, _K_ROW, _K_ZERO, _K_MEAN = 0, 1, 2, 3
 _PAD_BLOCK_ROWS = 1024
 
