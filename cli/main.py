@@ -62,13 +62,13 @@ def _streaming_setup() -> None:
 def _dtype_code(name: Optional[str]) -> Optional[str]:
     if name is None:
         return None
-    from superswallow_jax.config import DTYPE_NAMES
+    from superswallow_jax.dtypes import config_code
     from superswallow_jax.errors import ConfigError
 
-    key = name.removeprefix("torch.")
-    if key not in DTYPE_NAMES:
+    code = config_code(name)
+    if code is None:
         raise ConfigError(f"--out-dtype: unsupported dtype {name!r} (use float32, float16 or bfloat16)")
-    return DTYPE_NAMES[key]
+    return code
 
 
 @app.command()
