@@ -26,7 +26,8 @@ What is written (``OUT/``):
   tensors, shared storages, views at an offset, parameters, a non-contiguous
   tensor, a float8 tensor, a uint16 tensor (``_rebuild_tensor_v3``) and the
   legacy pre-1.6 format; ``torch/expected.safetensors`` holds every readable
-  tensor's values (written by ``safetensors.torch``).
+  tensor's values (written by ``safetensors.torch``); ``torch/mean_dim0.json``
+  holds torch's ``mean(dim=0)`` under 1 to 4 threads (the embedding padding rows).
 * ``models/{tulu,swallow,llama}``: tiny ``LlamaForCausalLM`` checkpoints saved
   by transformers 4.46 like the published repos: tulu as sharded ``.bin``,
   swallow as safetensors with the extended vocabulary, llama as one ``.bin``;
@@ -157,6 +158,26 @@ def torch_cases(out: Path) -> None:
     save_file(expect, str(out / "expected.safetensors"))
 
 
+#: (rows, hidden) of the torch mean(dim=0) cases: hidden % 32 != 0 and rows * hidden >= 32768,
+#: where torch splits the columns among its threads.
+MEAN_CASES = [(2000, 33), (600, 100), (1000, 250), (5000, 7), (300, 131), (4096, 72), (1500, 40)]
+
+
+def torch_means(out: Path) -> None:
+    """``torch.mean(x, dim=0)`` of float32 matrices under 1-4 intra-op threads (x from numpy's seed n*1000+hidden)."""
+    import numpy as np
+    import torch
+
+    cases = []
+    for n, h in MEAN_CASES:
+        for t in (1, 2, 3, 4):
+            torch.set_num_threads(t)
+            x = np.random.default_rng(n * 1000 + h).standard_normal((n, h)).astype(np.float32)
+            cases.append({"n": n, "hidden": h, "threads": t,
+                          "mean_f32_hex": torch.from_numpy(x).mean(dim=0).numpy().tobytes().hex()})
+    (out / "mean_dim0.json").write_text(json.dumps({"torch": torch.__version__, "cases": cases}, indent=1))
+
+
 def save_models(out: Path, spm_dir: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
@@ -232,6 +253,7 @@ def main() -> None:
         return
     train_spm(a.out / "spm")
     torch_cases(a.out / "torch")
+    torch_means(a.out / "torch")
     save_models(a.out / "models", a.out / "spm")
     (a.out / "configs").mkdir(parents=True, exist_ok=True)
     for name, text in CONFIGS.items():

@@ -32,9 +32,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-#: Smallest per-device shard; smaller chunks stay on one device. Tunable with
-#: the environment variable SUPERSWALLOW_MIN_SHARD_ELEMS (the tests lower it).
-MIN_SHARD_ELEMS = int(os.environ.get("SUPERSWALLOW_MIN_SHARD_ELEMS", 1 << 16))
+#: Smallest per-device shard by default; smaller chunks stay on one device.
+MIN_SHARD_ELEMS = 1 << 16
+
+
+def min_shard_elems() -> int:
+    """:data:`MIN_SHARD_ELEMS`, or ``$SUPERSWALLOW_MIN_SHARD_ELEMS`` (the tests lower it)."""
+    return int(os.environ.get("SUPERSWALLOW_MIN_SHARD_ELEMS", MIN_SHARD_ELEMS))
 AXIS = "x"
 
 
@@ -53,7 +57,7 @@ class Placement:
 
     def sharding_for(self, n: int):
         """Sharding of a flat array of ``n`` elements."""
-        if self.mesh is not None and n % len(self.devices) == 0 and n // len(self.devices) >= MIN_SHARD_ELEMS:
+        if self.mesh is not None and n % len(self.devices) == 0 and n // len(self.devices) >= min_shard_elems():
             return NamedSharding(self.mesh, PartitionSpec(AXIS))
         return SingleDeviceSharding(self.devices[0])
 

@@ -22,7 +22,6 @@ import numpy as np
 
 from . import programs
 from .devices import Placement
-from .io.writer import ShardedWriter
 from .passcache import PassCache, default_pass_cache_bytes
 from .plan import Plan, Step
 from .stream import InputFetcher, StepContext, bucket_for, chunk_size, default_chunk_elems
@@ -35,16 +34,6 @@ class ExecOptions:
     seed: int = 0
     chunk_elems: int | None = None  # None: default_chunk_elems() for the backend
     pass_cache_bytes: int | None = None  # None: default_pass_cache_bytes() for the backend
-
-
-def execute(plan: Plan, writer: ShardedWriter, opts: ExecOptions, progress: Callable[[int], None] | None = None,
-            order: Sequence[int] | None = None) -> None:
-    """Run every step of ``plan`` (in ``order`` if given) into ``writer``.
-
-    ``progress(n)`` is called with the number of input bytes consumed.
-    """
-    for _ in iter_results(plan, opts, progress, order, sink=writer.write):
-        pass
 
 
 class _Sink:

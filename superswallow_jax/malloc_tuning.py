@@ -5,20 +5,17 @@ vocabulary-aligned rows), a few MB each. glibc serves blocks above its mmap
 threshold with ``mmap`` and returns them with ``munmap`` on ``free``, and it
 trims the top of its heaps past 128 KB, so the next chunk's buffer is new
 memory again and each of its 4 KiB pages costs a page fault (zeroing
-included). A 1.3 GB Superswallow merge took about 200,000 minor faults that
-way. With the mmap threshold at its maximum (32 MiB) and trimming only past
-512 MiB, freed buffers are reused: about 10,000 faults, and 1.80 / 1.92 s ->
-1.44 / 1.62 s for the merge (sys time 1.5-1.7 -> 1.1-1.4 s); peak RSS
-309 -> 327 MB (see docs/performance.md).
+included). With the mmap threshold at its maximum (32 MiB) and trimming
+only past 512 MiB, freed buffers are reused instead (the faults, times and
+memory before and after are in docs/performance.md).
 
 XLA's worker threads allocate the results that the main thread frees, and
 glibc gives each thread an arena of its own, made of 64 MiB heaps that it
 shrinks with ``MADV_DONTNEED`` whatever the trim threshold says. With two
-chunks of a statistics pass in flight (the geometric methods), a karcher
-merge took 1.5 to 8.5 million page faults in some runs (6-15 s of system
-time) instead of 80,000. One arena for all threads (``M_ARENA_MAX`` = 1)
-keeps them at 80,000; the few large allocations per chunk do not contend
-for its lock.
+chunks of a statistics pass in flight (the geometric methods), some runs
+took a hundred times the page faults. One arena for all threads
+(``M_ARENA_MAX`` = 1) keeps them low; the few large allocations per chunk do
+not contend for its lock.
 
 The settings are process-wide, so the library never applies them on its own:
 the command line calls :func:`tune_malloc` at start-up (the benchmarks do the

@@ -53,8 +53,8 @@ def model_digest(digests: Iterable[TensorDigest]) -> str:
 def hash_workers() -> int:
     """Threads for hashing files and tensors: sha256 and ``pread`` release the GIL.
 
-    One core hashes about 1.9 GB/s (SHA-NI), so a 70B model (140 GB) takes a
-    minute and more on one thread; several threads reach the disk's speed.
+    One core hashes slower than a fast disk reads (SHA-NI: about 2 GB/s), so
+    a 70B model would take minutes on one thread; several reach the disk's speed.
     """
     return max(1, min(8, os.cpu_count() or 1))
 

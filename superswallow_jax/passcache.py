@@ -4,8 +4,8 @@ Methods with whole-tensor statistics (DARE and DELLA rescale, TIES and
 breadcrumbs thresholds, SCE, RAM, the geometric methods) pass over a tensor's
 chunks more than once: statistics first, then the merge. Without a memo
 every pass reads each chunk again (``pread``, or the disk when the inputs are
-not in the page cache) and DARE draws each mask again (threefry: about 0.8 ms
-of CPU per 1M elements).
+not in the page cache) and DARE draws each mask again (threefry, the costliest
+part of a DARE kernel on the CPU).
 
 A :class:`PassCache` keeps what a pass computed -- the placed input arrays,
 DARE and DELLA masks, SCE variances, TIES/breadcrumbs magnitude keys -- for
@@ -32,8 +32,8 @@ T = TypeVar("T")
 
 #: CPU backend: kept arrays are process memory. The 1.3 GB bench pair's MLP
 #: tensors (11.5M elements: two bf16 inputs and a mask in 12 chunks of 1M,
-#: 60 MiB) fit; a 70B model's (235M elements) do not. DARE d0.5 on the pair:
-#: 3.9 -> 3.5 s, peak RSS 300 -> 390 MB (128 MiB: same time, 450 MB).
+#: 60 MiB) fit; a 70B model's (235M elements) do not (the time and memory
+#: this buys are in docs/performance.md).
 CPU_PASS_CACHE_BYTES = 64 << 20
 #: Accelerators: device memory, at most this much (a 70B MLP tensor's two
 #: bf16 inputs and mask: 1.2 GB) and at most an eighth of what the devices have.

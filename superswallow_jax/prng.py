@@ -7,7 +7,8 @@ flattened tensor must be computable on its own and still equal the slice of
 the mask a single whole-tensor draw would give.
 
 JAX makes that possible: with ``jax_threefry_partitionable=True`` (the
-default since JAX 0.5, forced on at import of this module),
+default since JAX 0.5; this module implements the stream itself and does not
+depend on the flag, which only decides whether ``jax.random`` agrees with it),
 ``jax.random.bits(key, shape)`` (32-bit) at row-major flat index ``i`` is::
 
     y0, y1 = threefry2x32(key, (i >> 32, i & 0xFFFFFFFF))
@@ -40,9 +41,9 @@ loop also holds an op LLVM's loop vectorizer must scalarize (the f32 -> bf16
 ``xla.fptrunc.f32.to.bf16``), the vectorizer's VPlan "uses only the first
 lane" queries walk every path through that DAG, and compile time grows
 exponentially with the number of ops (``reduce_precision`` roundings)
-stacked above the mask: about 10 s per dare_linear chunk kernel and over
-6 minutes for a two-donor dare_ties one with jax/jaxlib 0.11.2 (0.1 s with
-0.10.2, whose LLVM handles the same IR fine). The barrier is an identity:
+stacked above the mask: with jax/jaxlib 0.11.2 a two-donor dare_ties
+kernel took minutes to compile (0.10.2's LLVM handles the same IR fine; the
+times are in docs/tpu.md). The barrier is an identity:
 it changes no value, and costs one extra pass over an ``n``-byte mask.
 
 Everything here is a pure function of its arguments and independent of
@@ -59,8 +60,6 @@ import operator
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-jax.config.update("jax_threefry_partitionable", True)
 
 PRNG_SCHEME: str = "superswallow-threefry2x32-partitionable-v1"
 """Name of the random-stream definition; recorded in output metadata."""

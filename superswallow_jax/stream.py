@@ -23,8 +23,8 @@ from .passcache import PassCache
 from .plan import Plan, Step
 
 DEFAULT_CHUNK_ELEMS = 1 << 22  # accelerators: 4M elements, 8 MB per bf16 input chunk
-#: On the CPU smaller chunks stay in the caches: 1.3 GB Superswallow merge,
-#: 3.1-3.3 s with 1M against 3.7-3.8 s with 4M, peak RSS 290 against 490 MB.
+#: On the CPU smaller chunks stay in the caches: faster and less memory than
+#: 4M on the 1.3 GB bench pair (docs/performance.md).
 CPU_CHUNK_ELEMS = 1 << 20
 MIN_BUCKET = 1 << 10
 

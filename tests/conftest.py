@@ -9,3 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import tempfile  # noqa: E402
 
 os.environ.setdefault("SUPERSWALLOW_CACHE", tempfile.mkdtemp(prefix="superswallow-test-cache-"))
+
+import jax  # noqa: E402
+
+# The kernels promote nothing implicitly: every mixed-dtype operation in the
+# library is an explicit cast (strict promotion makes any other one an error).
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+# The tests compare prng's own threefry stream with jax.random's, which follows it only under this flag.
+jax.config.update("jax_threefry_partitionable", True)

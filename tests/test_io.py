@@ -790,12 +790,12 @@ def _write_all(
 def test_writeback_kicks_and_same_bytes(tmp_path, monkeypatch):
     import superswallow_jax.io.writer as wr
 
-    if wr._START_WRITEBACK is None:
+    if wr.start_writeback() is None:
         pytest.skip("no sync_file_range on this platform")
     calls = []
-    real = wr._START_WRITEBACK
+    real = wr.start_writeback()
     monkeypatch.setattr(wr, "WRITEBACK_EVERY", 1000)
-    monkeypatch.setattr(wr, "_START_WRITEBACK", lambda fd, off, n: calls.append(real(fd, off, n)))
+    monkeypatch.setattr(wr, "start_writeback", lambda: lambda fd, off, n: calls.append(real(fd, off, n)))
     tensors = {"a": _rand((3000,), np.float32, 1), "b": _rand((700,), np.float16, 2)}
     *_, plain = _write_all(tmp_path / "p", tensors, chunk=256)
     assert not calls

@@ -497,3 +497,17 @@ def test_written_files_load_in_hf_tokenizers(three, tmp_path):
             continue
         (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": out.padded_vocab_size}))
         assert transformers.AutoTokenizer.from_pretrained(str(d)).get_vocab() == out.vocab
+
+
+def test_torch_mean_dim0_under_several_threads_matches_torch():
+    """The column split among torch's threads (hidden % 32 != 0), against torch 2.13's own results."""
+    data = json.loads((Path(__file__).parent / "fixtures" / "published" / "torch" / "mean_dim0.json").read_text())
+    assert len(data["cases"]) == 28 and {c["threads"] for c in data["cases"]} == {1, 2, 3, 4}
+    for c in data["cases"]:
+        n, h, t = c["n"], c["hidden"], c["threads"]
+        x = np.random.default_rng(n * 1000 + h).standard_normal((n, h)).astype(np.float32)
+        s = TorchDim0Sum(n, h, t)
+        for i in range(0, n, 700):
+            s.feed(x[i:i + 700])
+        got = (s.result() / np.float32(n)).astype(np.float32)
+        assert got.tobytes().hex() == c["mean_f32_hex"], (n, h, t)

@@ -15,6 +15,7 @@ Tensors follow each other without gaps, as the format requires.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import math
@@ -35,8 +36,10 @@ ALIGN = 64
 WRITEBACK_EVERY = 64 << 20
 
 
-def _sync_file_range():
-    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` (Linux; else ``None``)."""
+@functools.cache
+def start_writeback():
+    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` as a function of
+    ``(fd, offset, nbytes)`` (Linux; else ``None``), looked up on first use."""
     if not os.uname().sysname == "Linux":  # pragma: no cover
         return None
     try:
@@ -49,9 +52,6 @@ def _sync_file_range():
     fn.restype = ctypes.c_int
     write = 2  # SYNC_FILE_RANGE_WRITE: start writeback of dirty pages, do not wait
     return lambda fd, off, n: fn(fd, off, n, write)
-
-
-_START_WRITEBACK = _sync_file_range()
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class ShardedWriter:
         self._sha = [hashlib.sha256(lay.header) for lay in self.layouts]
         self._sha_pos: list[int | None] = [len(lay.header) if hash_files else None for lay in self.layouts]
         # early writeback (when the output will be fsynced): bytes written since the last kick
-        self._writeback = writeback and _START_WRITEBACK is not None
+        self._writeback = writeback and start_writeback() is not None
         self._dirty = [0] * len(self.layouts)
         #: shards reopened from an earlier run (their tensors may be kept with mark_done)
         self.reused: set[str] = set()
@@ -250,7 +250,7 @@ class ShardedWriter:
             self._dirty[shard] += data.nbytes
             if self._dirty[shard] >= WRITEBACK_EVERY:
                 self._dirty[shard] = 0
-                _START_WRITEBACK(self._fds[shard], 0, 0)  # whole file: only dirty pages are queued
+                start_writeback()(self._fds[shard], 0, 0)  # whole file: only dirty pages are queued
         if data.size:
             self._ranges.setdefault(name, []).append((flat_offset, end))
 

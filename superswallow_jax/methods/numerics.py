@@ -84,8 +84,8 @@ def to_bf16(x: jnp.ndarray) -> jnp.ndarray:
     The same bits as XLA:CPU's ``convert`` for every float32 input (tested on
     all classes: normal, subnormal, ties, overflow to inf, NaN -> sign | 0x7FC0,
     which is also ml_dtypes'), but XLA:CPU lowers that convert to a call
-    (``xla.fptrunc.f32.to.bf16``) that LLVM cannot vectorize: 0.63 against
-    0.33 ms of CPU per 1M-element output chunk. Being plain integer
+    (``xla.fptrunc.f32.to.bf16``) that LLVM cannot vectorize (about twice the
+    time; docs/performance.md). Being plain integer
     arithmetic, it also gives the same bits on every backend.
     """
     u = lax.bitcast_convert_type(x, jnp.uint32)

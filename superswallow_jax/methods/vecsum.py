@@ -200,7 +200,7 @@ LANES = 8  # float32 lanes of torch's vectorized CPU norm kernel (AVX2 width, al
 CHAIN_MIN_ROWS = 1 << 13
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
 def _chain_program():
     """(CPU device, jitted scan) for :func:`lane_chain`, or None where JAX has no CPU backend."""
     try:
@@ -218,9 +218,9 @@ def lane_chain(rows: np.ndarray) -> np.ndarray:
 
     NumPy's reduction over the outer axis adds in this order (no pairwise
     regrouping: that happens only along the contiguous axis; bit-equal to
-    ``np.add.accumulate(rows, axis=0)[-1]``), but pays about 10 ns per row
-    (1.43 ms for 1M elements as 8 lanes); a ``lax.scan`` on XLA:CPU takes
-    0.34 ms. Long chains are padded with zero rows to a power of two (a few
+    ``np.add.accumulate(rows, axis=0)[-1]``), but pays a fixed cost per row,
+    several times what a ``lax.scan`` on XLA:CPU takes (docs/performance.md).
+    Long chains are padded with zero rows to a power of two (a few
     compiled shapes; ``c + 0 == c`` exactly for ``c >= +0``, as is ``0 + c``
     for the scan's start) and run on the host's CPU device whatever the
     default backend, so the bits are the same everywhere.

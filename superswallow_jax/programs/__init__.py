@@ -13,6 +13,7 @@ the pure functions of :mod:`superswallow_jax.methods`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable, Protocol
 
@@ -21,6 +22,11 @@ import numpy as np
 
 from ..methods.registry import MethodSpec
 from ..stream import StepContext
+
+
+#: Jitted kernels are kept per signature (method, dtypes, bucket, input count): a
+#: merge uses a handful, so the bound only matters to a process running many.
+kernel_cache = functools.lru_cache(maxsize=64)
 
 
 class ChunkProgram(Protocol):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import numpy as np
@@ -13,14 +12,15 @@ from ..methods.linear import linear
 from ..methods.numerics import cast_out
 from ..methods.passthrough import passthrough
 from ..stream import StepContext
+from . import kernel_cache
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _linear_kernel(work: str, out: str, normalize: bool):
     return jax.jit(lambda xs, w: cast_out(linear(xs, w, normalize=normalize, work=work), NP[out]))
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _passthrough_kernel(work: str, out: str, scaled: bool):
     return jax.jit(lambda x, s: cast_out(passthrough(x, s if scaled else None, work=work), NP[out]))
 

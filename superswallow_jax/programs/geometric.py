@@ -13,7 +13,6 @@ optional tensor that only one model has) is copied, as mergekit does.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence
 
@@ -35,6 +34,7 @@ from ..methods.vecsum import LaneSumSq, Layout, VectorMax, VectorSums
 from ..plan import Step
 from ..stream import StepContext
 from .basic import passthrough_program
+from . import kernel_cache
 
 #: mergekit's slerp reduces in parts of 2^20 elements (per output of its batch of one).
 SLERP_PART = 1 << 20
@@ -134,7 +134,7 @@ def _cast(out: str):
     return lambda y: cast_out(y, NP[out])
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _rounded(work: str) -> Callable:
     """xs -> [rnd_work(x)] (the inputs cast to the working dtype)."""
     rnd_ = rounder(work)
@@ -148,7 +148,7 @@ def _single(ctx: StepContext):
 # ---------------------------------------------------------------- slerp
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _slerp_kernels(work: str, out: str, i0: int, i1: int):
     dot = jax.jit(lambda xs, n0, n1: sl.slerp_dot_terms(xs[i0], xs[i1], n0, n1, work=work))
     res = jax.jit(lambda xs, c0, c1: _cast(out)(sl.slerp_out(xs[i0], xs[i1], c0, c1, work=work)))
@@ -215,7 +215,7 @@ def prepare_slerp(ctx: StepContext):
 # ---------------------------------------------------------------- nuslerp
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _nuslerp_kernels(work: str, out: str, base: int | None, i0: int, i1: int):
     def tv(xs):
         b, (v0, v1) = sl.task_vectors([xs[i0], xs[i1]], None if base is None else xs[base], work=work)
@@ -288,7 +288,7 @@ def prepare_nuslerp(ctx: StepContext):
 # ---------------------------------------------------------------- multislerp
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _multislerp_kernels(work: str, out: str, base: int | None, nb: tuple[int, ...]):
     def tv(xs):
         return sl.task_vectors([xs[i] for i in nb], None if base is None else xs[base], work=work)
@@ -382,7 +382,7 @@ def prepare_multislerp(ctx: StepContext):
 # ---------------------------------------------------------------- karcher
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _karcher_kernels(work: str, out: str, n: int):
     def mean_at(xs, c, h, steps):
         us = kc.units(xs, c["norms"], work=work)
@@ -498,7 +498,7 @@ def prepare_karcher(ctx: StepContext):
 # ---------------------------------------------------------------- model_stock
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _model_stock_kernels(work: str, out: str, base: int, nb: tuple[int, ...]):
     def stats(xs):
         offs = ms.offsets(xs[base], [xs[i] for i in nb], work=work)
@@ -561,7 +561,7 @@ def prepare_model_stock(ctx: StepContext):
 # ---------------------------------------------------------------- nearswap
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _nearswap_kernel(work: str, out: str, base: int, other: int):
     return jax.jit(lambda xs, t, floor: _cast(out)(nearswap(xs[base], xs[other], t, floor, work=work)))
 
@@ -579,7 +579,7 @@ def prepare_nearswap(ctx: StepContext):
 # ---------------------------------------------------------------- arcee_fusion
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _fusion_kernels(work: str, out: str, base: int, other: int):
     def ab(xs):
         return af.inputs(xs[base], xs[other], work=work)

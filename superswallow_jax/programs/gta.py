@@ -17,7 +17,6 @@ merge passes through the step's cache (:mod:`..passcache`).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -36,6 +35,7 @@ from ..plan import Step
 from ..stream import StepContext, pad
 from .basic import passthrough_program
 from .select import QuotaCursor, Selection, select_ranges
+from . import kernel_cache
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _work_of(sig: KernelSig, kind: str | None) -> str:
     return sig.work
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def get_kernel(sig: KernelSig) -> Callable:
     """The jitted chunk function for ``sig`` (cached; compiled once per signature)."""
     out_dt = NP[sig.out]
@@ -151,19 +151,18 @@ def get_kernel(sig: KernelSig) -> Callable:
     return jax.jit(run)
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _mask_kernel(n: int, sharding) -> Callable:
     """DARE keep mask of ``n`` elements, as its own XLA program, laid out like the chunk.
 
-    Fused into the merge kernel, XLA:CPU computed threefry and the float ops
-    together far slower than apart: per 1M-element bf16 chunk of a one-donor
-    dare_ties, 3.5 ms CPU fused against 0.75 + 1.5 ms as two programs. The
+    Fused into the merge kernel, XLA:CPU computes threefry and the float ops
+    together far slower than apart (measured in docs/performance.md). The
     bits of element i depend on i only, so the sharding does not change them.
     """
     return jax.jit(lambda key, hi, lo, p: sp.random_keep(key, hi, lo, n, p), out_shardings=sharding)
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _della_mask_kernel(sig: KernelSig, sharding) -> Callable:
     """DELLA keep masks of a chunk (one per della donor, ``None`` for the others), as their own XLA program.
 

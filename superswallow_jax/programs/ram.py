@@ -7,7 +7,6 @@ unique (exact integers), and turns them into float32 scales on the host.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +19,14 @@ from ..methods.numerics import cast_out
 from ..methods.sparsify import round_scalar
 from ..stream import StepContext
 from .basic import base_only_program
+from . import kernel_cache
 
 
 def _split(xs, base: int):
     return xs[base], [x for i, x in enumerate(xs) if i != base]
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _merge_kernel(work: str, out: str, base: int, plus: bool):
     def run(xs, eps, lam):
         b_in, others = _split(xs, base)
@@ -36,7 +36,7 @@ def _merge_kernel(work: str, out: str, base: int, plus: bool):
     return jax.jit(run)
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _count_kernel(work: str, base: int, n: int):
     def run(xs, eps, n_valid):
         b_in, others = _split(xs, base)

@@ -10,7 +10,6 @@ election.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +23,14 @@ from ..methods.numerics import cast_out
 from ..stream import StepContext, pad
 from .basic import base_only_program
 from .select import select_ranges
+from . import kernel_cache
 
 
 def _split(xs, base: int):
     return xs[base], [x for i, x in enumerate(xs) if i != base]
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _tau_kernel(work: str, base: int):
     def run(xs):
         b_in, others = _split(xs, base)
@@ -40,7 +40,7 @@ def _tau_kernel(work: str, base: int):
     return jax.jit(run)
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_cache
 def _merge_kernel(work: str, out: str, base: int, mode: str, n: int):
     """mode: "all" (no selection), "topk" (selection by |var|), "none" (select_topk <= 0: nothing kept)."""
 

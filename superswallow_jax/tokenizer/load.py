@@ -280,9 +280,9 @@ def load_model_tokenizer(model_dir: Path, config_vocab_size: int | None) -> Mode
 
 
 def _json_copy(x: Any) -> Any:
-    """A deep copy of parsed JSON (dicts, lists, scalars): about 3x faster than
+    """A deep copy of parsed JSON (dicts, lists, scalars), faster than
     ``copy.deepcopy``, which keeps a memo for shared and cyclic objects that
-    parsed JSON cannot have (a 43K-token tokenizer.json: 16 -> 5 ms)."""
+    parsed JSON cannot have."""
     if type(x) is dict:
         return {k: _json_copy(v) for k, v in x.items()}
     if type(x) is list:
