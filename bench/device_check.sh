@@ -34,8 +34,8 @@ $PY -c "import jax, numpy, safetensors, ml_dtypes, typer, yaml; print('jax', jax
 
 echo "== models"
 t=$(date +%s)
-$PY -m cli.main tiny "$W/tiny" >/dev/null || exit 1
-$PY -m cli.main tiny "$W/big" --preset 1.3gb >/dev/null || exit 1
+$PY -m superswallow_jax.cli tiny "$W/tiny" >/dev/null || exit 1
+$PY -m superswallow_jax.cli tiny "$W/big" --preset 1.3gb >/dev/null || exit 1
 echo "made models in $(( $(date +%s) - t )) s"
 
 digests() {  # digests LABEL MODELS CONFIGS...

@@ -12,7 +12,7 @@ With ``MK_DET_BERNOULLI=<p0>`` the proxy's ``bernoulli(p)`` returns
 ``p >= p0`` instead of a random draw, to compare della merges without RNG;
 run ours with the same substitution, e.g. a wrapper doing
 ``superswallow_jax.methods.sparsify.bernoulli_keep = lambda key, hi, lo, n, p: p >= p0``
-before ``cli.main.app()``.
+before ``superswallow_jax.cli.app()``.
 
 Run it with mergekit's interpreter, as ``--mergekit-bin`` of mergekit_parity.py::
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_imports_done_turns_the_collector_back_on_with_the_heap_frozen():
     code = (
-        "import gc, cli.main as m; gc.disable(); import superswallow_jax.merge; m._imports_done(); "
+        "import gc, superswallow_jax.cli as m; gc.disable(); import superswallow_jax.merge; m._imports_done(); "
         "print(gc.isenabled(), gc.get_freeze_count() > 100000)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
@@ -18,7 +18,7 @@ def test_imports_done_turns_the_collector_back_on_with_the_heap_frozen():
 
 
 def test_imports_done_leaves_an_enabled_collector_alone():
-    from cli.main import _imports_done
+    from superswallow_jax.cli import _imports_done
 
     assert gc.isenabled()
     frozen = gc.get_freeze_count()

@@ -48,7 +48,7 @@ def _cli(cfg: Path, out: Path, *args: str, crash: str | None = None) -> subproce
     env.pop("SUPERSWALLOW_CRASH_AT", None)
     if crash is not None:
         env["SUPERSWALLOW_CRASH_AT"] = crash
-    code = "import sys; from cli.main import main; sys.argv = ['superswallow', *sys.argv[1:]]; main()"
+    code = "import sys; from superswallow_jax.cli import main; sys.argv = ['superswallow', *sys.argv[1:]]; main()"
     return subprocess.run([sys.executable, "-c", code, "merge", str(cfg), str(out), "-q", "--no-fsync", *args],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 

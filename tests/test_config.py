@@ -149,3 +149,17 @@ parameters: {normalize: true}
 def test_multi_module_is_a_clear_error():
     with pytest.raises(ConfigError, match="single module"):
         parse_config("modules: {text: {models: [{model: a}]}, vision: {models: [{model: a}]}}\nmerge_method: linear\n")
+
+
+def test_public_api_is_curated_and_lazy():
+    import subprocess
+    import sys
+
+    import superswallow_jax as ssj
+
+    for name in ssj.__all__:
+        assert getattr(ssj, name) is not None, name
+    assert ssj.run_merge.__module__ == "superswallow_jax.merge" and ssj.MergeOptions().seed == 0
+    out = subprocess.run([sys.executable, "-c", "import sys, superswallow_jax; print('jax' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from superswallow_jax.cli import app
 from superswallow_jax.config import parse_config
 from superswallow_jax.io.checkpoint import Checkpoint
 from superswallow_jax.merge import run_merge
@@ -236,7 +236,7 @@ def test_invariant_across_device_count_and_threads(models, tmp_path):
     for i, extra in enumerate(envs):
         env = {**os.environ, **extra, "JAX_PLATFORMS": "cpu"}
         out = tmp_path / f"p{i}"
-        subprocess.run((["taskset", "-c", "0"] if i else []) + [sys.executable, "-m", "cli.main", "merge", str(cfg), str(out), "-q"], check=True, env=env, cwd=ROOT)
+        subprocess.run((["taskset", "-c", "0"] if i else []) + [sys.executable, "-m", "superswallow_jax.cli", "merge", str(cfg), str(out), "-q"], check=True, env=env, cwd=ROOT)
         digests.append(files_digest(out))
     assert digests[0] == digests[1]
 
@@ -253,7 +253,7 @@ def test_sharded_devices_and_two_processes_identical(models, tmp_path):
     """1 vs 2 vs 8 devices (chunks really sharded) vs 2 processes x 4 devices: same files."""
     cfg = write_cfg(models, tmp_path, name="examples/dare-ties-d05.yaml")
     base_env = {**os.environ, "JAX_PLATFORMS": "cpu", "SUPERSWALLOW_MIN_SHARD_ELEMS": "256"}
-    cmd = [sys.executable, "-m", "cli.main", "merge", str(cfg)]
+    cmd = [sys.executable, "-m", "superswallow_jax.cli", "merge", str(cfg)]
     extra = ["-q", "--shard-size", "150K", "--chunk-elems", "4096"]
     one = tmp_path / "one"
     subprocess.run(cmd + [str(one)] + extra, check=True, cwd=ROOT,
@@ -341,11 +341,11 @@ def test_console_entry_exit_codes_and_flushed_output(models, tmp_path):
     """``main()`` ends with os._exit: the exit code and every printed line must survive it."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    bad = subprocess.run([sys.executable, "-m", "cli.main", "merge", str(tmp_path / "missing.yaml"), str(tmp_path / "o")],
+    bad = subprocess.run([sys.executable, "-m", "superswallow_jax.cli", "merge", str(tmp_path / "missing.yaml"), str(tmp_path / "o")],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "missing.yaml" in bad.stderr
     cfg = write_cfg(models, tmp_path)
-    ok = subprocess.run([sys.executable, "-m", "cli.main", "merge", str(cfg), str(tmp_path / "o"), "-q"],
+    ok = subprocess.run([sys.executable, "-m", "superswallow_jax.cli", "merge", str(cfg), str(tmp_path / "o"), "-q"],
                         capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip().startswith("wrote 39 tensors") and (tmp_path / "o" / "model.safetensors.index.json").exists()

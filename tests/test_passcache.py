@@ -93,7 +93,7 @@ def test_cache_budget_never_changes_bytes(models, tmp_path, monkeypatch, name): 
 def test_negative_budget_is_a_one_line_cli_error(models, tmp_path):  # noqa: F811
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from superswallow_jax.cli import app
 
     from .test_e2e import recipe
 

@@ -379,7 +379,7 @@ def test_bad_arguments(tmp_path):
 def test_cli_bad_arguments_are_one_line_errors(tmp_path, args, needle):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from superswallow_jax.cli import app
 
     res = CliRunner().invoke(app, ["tiny", str(tmp_path / "m"), *args])
     assert res.exit_code == 2
@@ -390,7 +390,7 @@ def test_cli_bad_arguments_are_one_line_errors(tmp_path, args, needle):
 def test_cli_builds_only_the_models_asked_for(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from superswallow_jax.cli import app
 
     res = CliRunner().invoke(app, ["tiny", str(tmp_path / "m"), "--model", "hermes", "--model", "llama"])
     assert res.exit_code == 0, res.output

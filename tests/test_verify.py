@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from superswallow_jax.cli import app
 from superswallow_jax.config import parse_config
 from superswallow_jax.merge import run_merge
 from superswallow_jax.options import MergeOptions

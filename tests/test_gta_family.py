@@ -1,4 +1,4 @@
-"""Tier 1: breadcrumbs, della, sce, ram, ramplus_tl against NumPy references (tests/reference_extra.py).
+"""Tier 1: breadcrumbs, della, sce, ram, ramplus_tl against NumPy references (tests/reference_gta_family.py).
 
 Chunk programs run on in-memory arrays through a fake input fetcher, in
 1024-element chunks (which split the 176- and 300-wide rows) and whole:
@@ -28,7 +28,7 @@ from superswallow_jax.programs.select import select_ranges
 from superswallow_jax.stream import StepContext, bucket_for, chunk_size, pad
 
 from . import reference as ref
-from . import reference_extra as rx
+from . import reference_gta_family as rx
 
 BF16 = ml_dtypes.bfloat16
 
