@@ -86,6 +86,11 @@ class Step:
     def input_bytes(self) -> int:
         return sum(s.tensor.nbytes for s in self.sources)
 
+    @property
+    def donors(self) -> tuple[int, ...]:
+        """Positions in ``sources`` of every model but the base, in order."""
+        return tuple(i for i in range(len(self.sources)) if i != self.base)
+
 
 @dataclass(frozen=True)
 class Plan:

@@ -10,7 +10,7 @@ share a few power-of-two buckets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import jax
 import numpy as np
@@ -27,6 +27,7 @@ DEFAULT_CHUNK_ELEMS = 1 << 22  # accelerators: 4M elements, 8 MB per bf16 input 
 #: 4M on the 1.3 GB bench pair (docs/performance.md).
 CPU_CHUNK_ELEMS = 1 << 20
 MIN_BUCKET = 1 << 10
+T = TypeVar("T")
 
 
 def default_chunk_elems() -> int:
@@ -138,8 +139,36 @@ class InputFetcher:
                 f.release(info, lo, hi)
 
 
+class ChunkPasses:
+    """The statistics-pass primitive, for anything with ``chunks()`` and ``release(a, b)``
+    (:class:`StepContext`, and the tests' stand-ins)."""
+
+    def each_chunk(self, dispatch: Callable[[int, int], T], consume: Callable[[int, int, T], None]) -> None:
+        """A statistics pass: ``consume(a, b, dispatch(a, b))`` for every chunk, in order.
+
+        ``dispatch`` starts the chunk's device computation (JAX returns at
+        once; it reads its inputs with :meth:`inputs`); ``consume`` waits for
+        the values and folds them into host accumulators; then the chunk's
+        input pages are released. Chunk k + 1 is dispatched before chunk k
+        is consumed, so the device computes the next chunk while the host
+        reduces this one; ``consume`` still sees the chunks in order, so
+        every sum is the same. ``dispatch`` must not depend on what
+        ``consume`` accumulates within the pass.
+        """
+        pending: tuple[int, int, T] | None = None
+        for a, b in self.chunks():
+            out = dispatch(a, b)
+            if pending is not None:
+                consume(*pending)
+                self.release(*pending[:2])
+            pending = (a, b, out)
+        if pending is not None:
+            consume(*pending)
+            self.release(*pending[:2])
+
+
 @dataclass(frozen=True)
-class StepContext:
+class StepContext(ChunkPasses):
     """Everything a chunk program needs to know about one step.
 
     ``cache`` keeps values between the step's passes (see

@@ -17,14 +17,14 @@ from superswallow_jax.methods.registry import METHODS
 from superswallow_jax.methods.registry import METHODS
 from superswallow_jax.programs import load
 from superswallow_jax.programs import geometric as geo
-from superswallow_jax.stream import bucket_for, pad
+from superswallow_jax.stream import ChunkPasses, bucket_for, pad
 
 from . import reference_geometric as ref
 
 BF16 = ml_dtypes.bfloat16
 
 
-class FakeCtx:
+class FakeCtx(ChunkPasses):
     """The parts of a StepContext the chunk programs use, over in-memory arrays."""
 
     def __init__(self, arrays, *, work, out=None, params=None, per_model=None, base=None, chunk=1 << 20, seed=0, name="t"):
@@ -35,6 +35,7 @@ class FakeCtx:
         self.step = SimpleNamespace(
             name=name, shape=shape, numel=numel, work_dtype=work, out_dtype=out or work, base=base,
             params=params or {}, sources=tuple(SimpleNamespace(params=p, model=i) for i, p in enumerate(per_model)),
+            donors=tuple(i for i in range(len(arrays)) if i != base),
         )
         self.seed, self.chunk, self.bucket = seed, chunk, bucket_for(numel, chunk)
 
@@ -333,7 +334,7 @@ def test_statistics_pass_dispatches_ahead_and_consumes_in_order():
 
     log = []
 
-    class Ctx:
+    class Ctx(ChunkPasses):  # the primitive every multi-pass method uses (StepContext.each_chunk)
         def chunks(self):
             return iter([(0, 4), (4, 8), (8, 10)])
 

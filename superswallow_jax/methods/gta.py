@@ -23,11 +23,18 @@ import jax.numpy as jnp
 from .numerics import divide, rounder, sum_f32, to_work
 
 
-def task_vectors(base: jnp.ndarray, xs: Sequence[jnp.ndarray], *, d: str) -> tuple[jnp.ndarray, list[jnp.ndarray]]:
-    """(B, [delta_i]) as float32 holding dtype-``d`` values. Inputs: same shape, any float dtype."""
+def task_vectors(base: jnp.ndarray | None, xs: Sequence[jnp.ndarray], *, d: str) -> tuple[jnp.ndarray | None, list[jnp.ndarray]]:
+    """``(B, [rnd_d(X_i - B)])`` as float32 holding dtype-``d`` values, or ``(None, [X_i])`` without a base.
+
+    Inputs: same shape, any float dtype; each is first rounded to ``d``
+    (torch's load-time cast). Every method that works on task vectors uses this one.
+    """
     rnd = rounder(d)
+    vs = [to_work(x, d) for x in xs]
+    if base is None:
+        return None, vs
     b = to_work(base, d)
-    return b, [rnd(to_work(x, d) - b) for x in xs]
+    return b, [rnd(v - b) for v in vs]
 
 
 def combine(

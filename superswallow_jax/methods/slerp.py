@@ -54,16 +54,6 @@ def slerp_out(v0: jnp.ndarray, v1: jnp.ndarray, c0: jnp.ndarray, c1: jnp.ndarray
     return rnd(fp_barrier(fp_barrier(c0 * a) + fp_barrier(c1 * b)))
 
 
-def task_vectors(xs: Sequence[jnp.ndarray], base: jnp.ndarray | None, *, work: str) -> tuple[jnp.ndarray | None, list[jnp.ndarray]]:
-    """(rnd(B), [rnd(rnd(X_i) - rnd(B))]), or (None, [rnd(X_i)]) without a base."""
-    rnd = rounder(work)
-    vs = [rnd(as_f32(x)) for x in xs]
-    if base is None:
-        return None, vs
-    b = rnd(as_f32(base))
-    return b, [rnd(v - b) for v in vs]
-
-
 def nuslerp_units_dot(v0: jnp.ndarray, v1: jnp.ndarray, n0: jnp.ndarray, n1: jnp.ndarray, *, work: str) -> jnp.ndarray:
     """``rnd(rnd(v0 / n0) * rnd(v1 / n1))``: the terms of nuslerp's cosine (n_i clamped norms in ``work``)."""
     rnd = rounder(work)

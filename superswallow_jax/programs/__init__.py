@@ -33,6 +33,11 @@ class ChunkProgram(Protocol):
     def __call__(self, xs: list[np.ndarray], a: int, b: int) -> jax.Array: ...
 
 
+def split_base(xs: list, base: int) -> tuple:
+    """``(xs[base], [every other x, in order])``."""
+    return xs[base], [x for i, x in enumerate(xs) if i != base]
+
+
 def load(method: MethodSpec) -> Callable[[StepContext], ChunkProgram]:
     """The prepare function a method's entry names."""
     module, _, name = method.program.partition(":")

@@ -24,6 +24,7 @@ from .. import prng
 from ..errors import PlanError
 from ..dtypes import NP
 from ..methods import arcee_fusion as af
+from ..methods import gta as gta_m
 from ..methods import karcher as kc
 from ..methods import model_stock as ms
 from ..methods import slerp as sl
@@ -46,31 +47,10 @@ F32 = np.float32
 # ---------------------------------------------------------------- helpers
 
 
-def _non_base(step: Step) -> list[int]:
-    return [i for i in range(len(step.sources)) if i != step.base]
-
-
 def _each_chunk(ctx: StepContext, dispatch: Callable[[int, int, list], object],
                 consume: Callable[[int, int, object], None]) -> None:
-    """A statistics pass: ``consume(a, b, dispatch(a, b, inputs))`` for every chunk, in order.
-
-    ``dispatch`` starts the chunk's device computation (JAX returns at once);
-    ``consume`` waits for its values and folds them into host accumulators.
-    Chunk k + 1 is dispatched before chunk k is consumed, so XLA computes the
-    next chunk while the host reduces this one; ``consume`` still sees the
-    chunks in order, so every sum is the same. ``dispatch`` must not depend
-    on what ``consume`` accumulates within the pass.
-    """
-    pending = None
-    for a, b in ctx.chunks():
-        out = dispatch(a, b, ctx.inputs(a, b))
-        if pending is not None:
-            consume(*pending)
-            ctx.release(*pending[:2])
-        pending = (a, b, out)
-    if pending is not None:
-        consume(*pending)
-        ctx.release(*pending[:2])
+    """:meth:`StepContext.each_chunk` with the chunk's placed inputs handed to ``dispatch``."""
+    ctx.each_chunk(lambda a, b: dispatch(a, b, ctx.inputs(a, b)), consume)
 
 
 def _host(x, n: int) -> np.ndarray:
@@ -186,7 +166,7 @@ def prepare_slerp(ctx: StepContext):
     step = ctx.step
     work = step.work_dtype
     i0 = step.base
-    i1 = _non_base(step)[0]
+    i1 = step.donors[0]
     t = F32(step.params["t"])
     lay = Layout.flat(step.shape)
     rk = _rounded(work)
@@ -218,7 +198,7 @@ def prepare_slerp(ctx: StepContext):
 @kernel_cache
 def _nuslerp_kernels(work: str, out: str, base: int | None, i0: int, i1: int):
     def tv(xs):
-        b, (v0, v1) = sl.task_vectors([xs[i0], xs[i1]], None if base is None else xs[base], work=work)
+        b, (v0, v1) = gta_m.task_vectors(None if base is None else xs[base], [xs[i0], xs[i1]], d=work)
         return b, v0, v1
 
     def vecs(xs):
@@ -263,7 +243,7 @@ def prepare_nuslerp(ctx: StepContext):
         return p
     step = ctx.step
     work, n = step.work_dtype, ctx.bucket
-    i0, i1 = _non_base(step)
+    i0, i1 = step.donors
     t = nuslerp_t(step.sources[i0].params["weight"], step.sources[i1].params["weight"])
     lay = _vector_layout(step, bool(step.params["nuslerp_row_wise"]), bool(step.params["nuslerp_flatten"]))
     vk, dk, ok = _nuslerp_kernels(work, step.out_dtype, step.base, i0, i1)
@@ -291,7 +271,7 @@ def prepare_nuslerp(ctx: StepContext):
 @kernel_cache
 def _multislerp_kernels(work: str, out: str, base: int | None, nb: tuple[int, ...]):
     def tv(xs):
-        return sl.task_vectors([xs[i] for i in nb], None if base is None else xs[base], work=work)
+        return gta_m.task_vectors(None if base is None else xs[base], [xs[i] for i in nb], d=work)
 
     def units_mean(xs, nes, w):
         b, vs = tv(xs)
@@ -340,7 +320,7 @@ def multislerp_weights(ws: Sequence[float], normalize: bool, work: str) -> np.nd
 
 def prepare_multislerp(ctx: StepContext):
     step = ctx.step
-    nb = tuple(_non_base(step))
+    nb = step.donors
     if len(nb) == 1:  # mergekit returns the single model (not its task vector)
         return passthrough_program(ctx, nb[0])
     work = step.work_dtype
@@ -541,7 +521,7 @@ def prepare_model_stock(ctx: StepContext):
         return p
     step = ctx.step
     work, n = step.work_dtype, ctx.bucket
-    nb = tuple(_non_base(step))
+    nb = step.donors
     lay = Layout.rows(step.shape) if step.params["filter_wise"] else Layout.flat(step.shape)
     sk, ok = _model_stock_kernels(work, step.out_dtype, step.base, nb)
     k = len(nb)
@@ -570,7 +550,7 @@ def prepare_nearswap(ctx: StepContext):
     if (p := _single(ctx)) is not None:
         return p
     step = ctx.step
-    kern = _nearswap_kernel(step.work_dtype, step.out_dtype, step.base, _non_base(step)[0])
+    kern = _nearswap_kernel(step.work_dtype, step.out_dtype, step.base, step.donors[0])
     t = F32(step.params["t"])
     floor = rnd(1e-6, step.work_dtype)
     return lambda xs, a, b: kern(xs, t, floor)
@@ -626,7 +606,7 @@ def prepare_arcee_fusion(ctx: StepContext):
         return p
     step = ctx.step
     work, n = step.work_dtype, ctx.bucket
-    base, other = step.base, _non_base(step)[0]
+    base, other = step.base, step.donors[0]
     k = _fusion_kernels(work, step.out_dtype, base, other)
     lay = Layout.rows(step.shape)
     per = lambda v, a, b: _per(lay, v, a, b, n)  # noqa: E731

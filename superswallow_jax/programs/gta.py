@@ -35,7 +35,7 @@ from ..plan import Step
 from ..stream import StepContext, pad
 from .basic import passthrough_program
 from .select import QuotaCursor, Selection, select_ranges
-from . import kernel_cache
+from . import kernel_cache, split_base
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,7 @@ def _della_probs(sig: KernelSig, rows, c0, eps, row_off):
     out: list = [None] * len(sig.sparsify)
     if "della" not in sig.sparsify:
         return out
-    base = rows[sig.base]
-    others = [x for i, x in enumerate(rows) if i != sig.base]
+    base, others = split_base(rows, sig.base)
     for i, kind in enumerate(sig.sparsify):
         if kind == "della":
             _, (dl,) = gta_m.task_vectors(base, [others[i]], d=sig.work)
@@ -119,8 +118,7 @@ def get_kernel(sig: KernelSig) -> Callable:
 
     if sig.kind == "gta":
         def run(xs, weights, sa, lam, masks):
-            base = xs[sig.base]
-            others = [x for i, x in enumerate(xs) if i != sig.base]
+            base, others = split_base(xs, sig.base)
             b, deltas = gta_m.task_vectors(base, others, d=sig.work)
             deltas = _sparsify_donors(sig, deltas, sa, masks)
             return cast_out(gta_m.combine(
@@ -132,8 +130,7 @@ def get_kernel(sig: KernelSig) -> Callable:
         # histograms) or the BLOCK sums of |delta| and |delta * keep| in the
         # work dtype (for the L1 rescale of random and della pruning).
         def run(xs, sa, masks):
-            base = xs[sig.base]
-            others = [x for i, x in enumerate(xs) if i != sig.base]
+            base, others = split_base(xs, sig.base)
             _, deltas = gta_m.task_vectors(base, others, d=sig.work)
             res = []
             for i, (kind, delta) in enumerate(zip(sig.sparsify, deltas)):
@@ -213,10 +210,6 @@ def _keep_masks(ctx: StepContext, sig: KernelSig, sa: _Sparse, a: int, b: int, f
     return tuple(out)
 
 
-def _donors(step: Step) -> list[int]:
-    return [i for i in range(len(step.sources)) if i != step.base]
-
-
 def _round(x: float, code: str) -> float:
     return sp.round_scalar(x, code)
 
@@ -251,7 +244,7 @@ def _donor_kind(ctx: StepContext, i: int) -> str | None:
 
 def _gta_setup(ctx: StepContext) -> _GtaArgs:
     step, method, seed, bucket = ctx.step, ctx.plan.method, ctx.seed, ctx.bucket
-    donors = _donors(step)
+    donors = list(step.donors)
     kinds = [_donor_kind(ctx, i) for i in donors]
     lam = float(step.params.get("lambda", 1.0))
     cols = row_len = 0
@@ -314,7 +307,7 @@ def _stats_pass(ctx: StepContext, args: _GtaArgs) -> None:
     need = [kind in ("random", "della") and rescale for kind in sig.sparsify]
     if any(need):
         kern = _stats_kernel(ctx, args, tuple(k if nd else None for k, nd in zip(sig.sparsify, need)))
-        donors = _donors(step)
+        donors = list(step.donors)
         l1_full: list[list[float]] = [[] for _ in donors]
         l1_kept: list[list[float]] = [[] for _ in donors]
         def collect(a: int, b: int, res) -> None:
@@ -323,16 +316,8 @@ def _stats_pass(ctx: StepContext, args: _GtaArgs) -> None:
                 if need[j]:
                     l1_full[j] += np.asarray(res[j][0])[:nb].tolist()
                     l1_kept[j] += np.asarray(res[j][1])[:nb].tolist()
-            ctx.release(a, b)
 
-        pending = None  # dispatch chunk k + 1 before collecting chunk k
-        for a, b in ctx.chunks():
-            res = kern(a, b)
-            if pending is not None:
-                collect(*pending)
-            pending = (a, b, res)
-        if pending is not None:
-            collect(*pending)
+        ctx.each_chunk(kern, collect)
         for j, kind in enumerate(sig.sparsify):
             if not need[j]:
                 continue
@@ -350,7 +335,7 @@ def _outlier_ranges(ctx: StepContext, args: _GtaArgs, rescale: bool) -> None:
     outl = tuple(k if k == "magnitude_outliers" else None for k in sig.sparsify)
     kern = _stats_kernel(ctx, args, outl)
     ranges = []
-    for j, i in enumerate(_donors(step)):
+    for j, i in enumerate(list(step.donors)):
         p = step.sources[i].params
         if not outl[j]:
             ranges.append(None)

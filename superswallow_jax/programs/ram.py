@@ -19,17 +19,13 @@ from ..methods.numerics import cast_out
 from ..methods.sparsify import round_scalar
 from ..stream import StepContext
 from .basic import base_only_program
-from . import kernel_cache
-
-
-def _split(xs, base: int):
-    return xs[base], [x for i, x in enumerate(xs) if i != base]
+from . import kernel_cache, split_base
 
 
 @kernel_cache
 def _merge_kernel(work: str, out: str, base: int, plus: bool):
     def run(xs, eps, lam):
-        b_in, others = _split(xs, base)
+        b_in, others = split_base(xs, base)
         b, deltas = gta_m.task_vectors(b_in, others, d=work)
         return cast_out(ram_m.merge(b, deltas, eps, lam if plus else None, d=work), NP[out])
 
@@ -39,7 +35,7 @@ def _merge_kernel(work: str, out: str, base: int, plus: bool):
 @kernel_cache
 def _count_kernel(work: str, base: int, n: int):
     def run(xs, eps, n_valid):
-        b_in, others = _split(xs, base)
+        b_in, others = split_base(xs, base)
         _, deltas = gta_m.task_vectors(b_in, others, d=work)
         valid = jnp.arange(n, dtype=jnp.int32) < n_valid
         return ram_m.counts(deltas, eps, valid)
@@ -68,9 +64,11 @@ def _prepare(ctx: StepContext, plus: bool):
     if plus:
         kern = _count_kernel(work, step.base, ctx.bucket)
         tot = np.zeros((k, 2), np.int64)
-        for a, b in ctx.chunks():
-            tot += np.asarray(kern(ctx.inputs(a, b), eps, np.int32(b - a)), np.int64)
-            ctx.release(a, b)
+
+        def count(a: int, b: int, res) -> None:
+            tot[...] += np.asarray(res, np.int64)
+
+        ctx.each_chunk(lambda a, b: kern(ctx.inputs(a, b), eps, np.int32(b - a)), count)
         lam = ram_m.ramplus_lambdas(
             [int(x) for x in tot[:, 0]], [int(x) for x in tot[:, 1]],
             float(step.params["r"]), float(step.params["alpha"]), float(step.params["epsilon"]),

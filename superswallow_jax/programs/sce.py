@@ -23,17 +23,13 @@ from ..methods.numerics import cast_out
 from ..stream import StepContext, pad
 from .basic import base_only_program
 from .select import select_ranges
-from . import kernel_cache
-
-
-def _split(xs, base: int):
-    return xs[base], [x for i, x in enumerate(xs) if i != base]
+from . import kernel_cache, split_base
 
 
 @kernel_cache
 def _tau_kernel(work: str, base: int):
     def run(xs):
-        b_in, others = _split(xs, base)
+        b_in, others = split_base(xs, base)
         _, deltas = gta_m.task_vectors(b_in, others, d=work)
         return deltas, sce_m.squares(deltas, d=work)
 
@@ -45,7 +41,7 @@ def _merge_kernel(work: str, out: str, base: int, mode: str, n: int):
     """mode: "all" (no selection), "topk" (selection by |var|), "none" (select_topk <= 0: nothing kept)."""
 
     def run(xs, var, top, skip, bottom, quota, w, floor):
-        b_in, others = _split(xs, base)
+        b_in, others = split_base(xs, base)
         b, deltas = gta_m.task_vectors(b_in, others, d=work)
         if mode == "topk":
             keep = sp.range_keep(jnp.abs(var), top, skip, bottom, quota)
@@ -102,9 +98,12 @@ def prepare_sce(ctx: StepContext):
         )[0]
     elif topk >= 1:
         mode = "all"
-        for a, b in ctx.chunks():
-            for i, sq in enumerate(taus(a, b)[1]):
-                blocks[i] += sp.block_l1(sq)
+
+        def add_l1(a: int, b: int, res) -> None:
+            for i, sq in enumerate(res[1]):
+                blocks[i] += sp.block_l1(np.asarray(sq)[: b - a])
+
+        ctx.each_chunk(lambda a, b: tau(ctx.inputs(a, b)), add_l1)
     else:
         mode = "none"
     w = sce_m.weights([sp.total(bl) for bl in blocks], n, work)
