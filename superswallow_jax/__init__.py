@@ -24,7 +24,7 @@ _EXPORTS = {
     "Plan": "plan", "Step": "plan", "build_plan": "plan",
     "MergeResult": "merge", "run_merge": "merge", "verify_stream": "merge",
     "Report": "verify", "verify_folder": "verify",
-    "METHODS": "methods.registry", "MethodSpec": "methods.registry",
+    "METHODS": "registry", "MethodSpec": "registry",
     "Checkpoint": "io.checkpoint",
     "folder_digests": "manifest", "model_digest": "manifest",
     "make_tiny_models": "tiny",

@@ -214,7 +214,7 @@ def tiny(
 @app.command()
 def methods() -> None:
     """List the merge methods with their parameters, defaults and a one-line description."""
-    from superswallow_jax.methods.registry import METHODS
+    from superswallow_jax.registry import METHODS
 
     _imports_done()
 

@@ -17,7 +17,7 @@ import yaml
 
 from .dtypes import config_code
 from .errors import ConfigError
-from .methods.registry import ALL_PARAMS, METHODS, MethodSpec, get_method
+from .registry import ALL_PARAMS, METHODS, MethodSpec, get_method
 from .params import Setting, parse_setting
 
 

@@ -34,7 +34,7 @@ from .io.model_dir import read_model_config, resolve_model_dir
 from .io.checkpoint import Checkpoint
 from .io.reader import TensorInfo
 from .io.writer import TensorSpec, assign_shards
-from .methods.registry import MethodSpec
+from .registry import MethodSpec
 from .params import Setting
 
 

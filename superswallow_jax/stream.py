@@ -1,7 +1,7 @@
 """Chunked access to a step's inputs: chunk boundaries, compile buckets, zero-copy reads.
 
 A tensor is processed as flat chunks of at most ``chunk`` elements (a
-multiple of :data:`~superswallow_jax.methods.sparsify.BLOCK`). A chunk shorter
+multiple of :data:`~superswallow_jax.host.blocks.BLOCK`). A chunk shorter
 than the step's compile bucket is zero-padded, so one XLA compile serves all
 big tensors of a (method, source count, dtype) combination and small tensors
 share a few power-of-two buckets.
@@ -18,7 +18,7 @@ import numpy as np
 from .devices import Placement
 from .hostbuf import HostBuffers
 from .dtypes import NP
-from .methods import sparsify as sp
+from .host import blocks as hb
 from .passcache import PassCache
 from .plan import Plan, Step
 
@@ -37,7 +37,7 @@ def default_chunk_elems() -> int:
 
 def chunk_size(chunk_elems: int) -> int:
     """Round a requested chunk size to a positive multiple of the rescale block."""
-    return max(sp.BLOCK, (int(chunk_elems) // sp.BLOCK) * sp.BLOCK)
+    return max(hb.BLOCK, (int(chunk_elems) // hb.BLOCK) * hb.BLOCK)
 
 
 def bucket_for(numel: int, chunk: int) -> int:

@@ -12,9 +12,8 @@ import pytest
 
 from superswallow_jax import prng
 from superswallow_jax.errors import ConfigError
-from superswallow_jax.methods import vecsum
-from superswallow_jax.methods.registry import METHODS
-from superswallow_jax.methods.registry import METHODS
+from superswallow_jax.host import vecsum
+from superswallow_jax.registry import METHODS
 from superswallow_jax.programs import load
 from superswallow_jax.programs import geometric as geo
 from superswallow_jax.stream import ChunkPasses, bucket_for, pad
@@ -358,7 +357,7 @@ def test_statistics_pass_dispatches_ahead_and_consumes_in_order():
 def test_fma32_is_correctly_rounded():
     from fractions import Fraction
 
-    from superswallow_jax.methods.scalar import fma32
+    from superswallow_jax.host.scalar import fma32
 
     rng = np.random.default_rng(15)
     x, y, z = (rng.standard_normal((3, 2000)) * np.exp(rng.uniform(-8, 8, (3, 2000)))).astype(np.float32)

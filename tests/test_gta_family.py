@@ -21,7 +21,9 @@ from superswallow_jax.devices import Placement
 from superswallow_jax.methods import ram as ram_m
 from superswallow_jax.methods import sce as sce_m
 from superswallow_jax.methods import sparsify as sp
-from superswallow_jax.methods.registry import METHODS
+from superswallow_jax.host import scalar as hs
+from superswallow_jax.host import histogram as hh
+from superswallow_jax.registry import METHODS
 from superswallow_jax.plan import Source, Step
 from superswallow_jax.programs import prepare
 from superswallow_jax.programs.select import select_ranges
@@ -128,7 +130,7 @@ def test_registry_names_params_defaults():
 def test_outlier_range_is_mergekit_slice(n, density, gamma):
     key = np.arange(n, 0, -1).astype(np.float64)  # strictly descending: position == index
     want = np.flatnonzero(rx.magnitude_outliers_mask(key, density, gamma))
-    start, stop = sp.outlier_range(density, gamma, n)
+    start, stop = hh.outlier_range(density, gamma, n)
     assert want.tolist() == list(range(start, stop))
 
 
@@ -143,7 +145,7 @@ def test_select_ranges_exact_for_any_chunking(work):
     vals[::97] = 0.0
     a = np.abs(vals)
     ranges = [(0, 1), (0, 3000), (137, 5000), (5000, n), (4000, 4000), (0, n)]
-    bits = sp.abs_bits(vals, work)
+    bits = hh.abs_bits(vals, work)
     keep_fn = jax.jit(sp.range_keep)
     results = []
     for ch in (1024, 3072, n):
@@ -198,7 +200,7 @@ def test_della_probs_bit_exact(work, shape):
     rng = np.random.default_rng(3)
     d = ref.rnd((np.round(rng.standard_normal(shape) * 20) / 1e4).astype(np.float32), work)
     for dens, eps in ((0.5, 0.15), (0.3, 0.1), (0.45, 0.37)):
-        rd, re = sp.round_scalar(dens - eps, work), np.float32(eps)
+        rd, re = hs.round_scalar(dens - eps, work), np.float32(eps)
         got = np.asarray(jax.jit(lambda x, c, e: sp.della_probs(x, c, e, work=work))(d, np.float32(rd), re))
         want = rx.della_probs(d, dens, eps, work)
         assert same_bytes(got, want)

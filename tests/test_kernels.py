@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from superswallow_jax.host import blocks, histogram
 from superswallow_jax.methods import gta, sparsify
 from superswallow_jax.methods.linear import linear
 from superswallow_jax.methods.numerics import rounder
@@ -104,21 +105,21 @@ def test_rounding_is_round_to_nearest_even(a, b):
 
 
 def test_rescale_factor_rules():
-    assert sparsify.rescale_factor(10.0, 5.0, "BF16") == 2.0
-    assert sparsify.rescale_factor(0.0, 0.0, "BF16") == 1.0
-    assert sparsify.rescale_factor(1.0, 1e-9, "F32") == 1.0
+    assert blocks.rescale_factor(10.0, 5.0, "BF16") == 2.0
+    assert blocks.rescale_factor(0.0, 0.0, "BF16") == 1.0
+    assert blocks.rescale_factor(1.0, 1e-9, "F32") == 1.0
     # ratio rounded to bf16
-    assert sparsify.rescale_factor(1.0, 3.0, "BF16") == float(np.float32(1 / 3).astype(BF16))
+    assert blocks.rescale_factor(1.0, 3.0, "BF16") == float(np.float32(1 / 3).astype(BF16))
 
 
 def test_magnitude_threshold_exact():
     rng = np.random.default_rng(0)
     vals = rng.standard_normal(10_001).astype(BF16).astype(np.float32)
-    bits = sparsify.abs_bits(vals, "BF16")
+    bits = histogram.abs_bits(vals, "BF16")
     hist = np.bincount(bits.astype(np.int64), minlength=1 << 15)
     for k in (1, 17, 5000, 10_001):
-        tb, above = sparsify.magnitude_threshold(hist, k)
-        thr = sparsify.bits_to_value(tb, "BF16")
+        tb, above = histogram.magnitude_threshold(hist, k)
+        thr = histogram.bits_to_value(tb, "BF16")
         a = np.abs(vals)
         assert (a > thr).sum() == above
         assert above < k <= above + (a == thr).sum()
@@ -171,9 +172,9 @@ def test_della_packed_key_sort_equals_payload_sort(work, dt):
 
 
 def test_magnitude_k():
-    assert sparsify.magnitude_k(0.5, 11) == 5
-    assert sparsify.magnitude_k(0.01, 10) == 1
-    assert sparsify.magnitude_k(0.0, 10) == 0
+    assert histogram.magnitude_k(0.5, 11) == 5
+    assert histogram.magnitude_k(0.01, 10) == 1
+    assert histogram.magnitude_k(0.0, 10) == 0
 
 
 def test_fma_emulation_is_correctly_rounded():
@@ -193,15 +194,15 @@ def test_fma_emulation_is_correctly_rounded():
 
 def test_block_sums_fixed_tree_and_chunk_invariant():
     rng = np.random.default_rng(9)
-    x = np.abs(rng.standard_normal(8 * sparsify.BLOCK).astype(np.float32))
+    x = np.abs(rng.standard_normal(8 * blocks.BLOCK).astype(np.float32))
     got = np.asarray(jax.jit(sparsify.block_sums)(x))
     # reference: the same adjacent-pairs tree in NumPy
-    y = x.reshape(-1, sparsify.BLOCK)
+    y = x.reshape(-1, blocks.BLOCK)
     while y.shape[1] > 1:
         y = y[:, 0::2] + y[:, 1::2]
     assert got.tolist() == y[:, 0].tolist()
-    parts = np.concatenate([np.asarray(jax.jit(sparsify.block_sums)(x[: 3 * sparsify.BLOCK])),
-                            np.asarray(jax.jit(sparsify.block_sums)(x[3 * sparsify.BLOCK:]))])
+    parts = np.concatenate([np.asarray(jax.jit(sparsify.block_sums)(x[: 3 * blocks.BLOCK])),
+                            np.asarray(jax.jit(sparsify.block_sums)(x[3 * blocks.BLOCK:]))])
     assert parts.tolist() == got.tolist()
     assert abs(float(got.astype(np.float64).sum()) - float(x.astype(np.float64).sum())) < 1e-3
 
@@ -234,3 +235,25 @@ def test_to_bf16_equals_xla_convert_and_ml_dtypes_on_every_class():
     assert [hex(v) for v in ours[16000:16008]] == ["0x0", "0x8000", "0x7f80", "0xff80", "0x7fc0", "0xffc0", "0x7fc0", "0xffc0"]
     assert np.asarray(jax.jit(lambda v: cast_out(v, jnp.bfloat16))(x)).view(np.uint16).tobytes() == ours.tobytes()
     assert np.asarray(cast_out(x, np.float16)).dtype == np.float16  # other dtypes: astype
+
+
+@pytest.mark.parametrize("work, n, lam", [("BF16", 3, 1.0), ("BF16", 4, 0.7), ("F16", 2, 1.3), ("F32", 5, 1.0)])
+def test_task_median_against_numpy(work, n, lam):
+    from superswallow_jax.dtypes import NP
+    from superswallow_jax.methods.task_median import task_median
+
+    d = NP[work]
+    rng = np.random.default_rng(n)
+    base = (rng.standard_normal(4096) * 0.02).astype(np.float32).astype(d)
+    xs = [(base.astype(np.float32) + rng.standard_normal(4096) * 2e-3).astype(d) for _ in range(n)]
+    xs[0][:3] = [np.inf, -np.inf, np.nan]  # NaN sorts last, as in torch
+
+    def rnd(v):
+        return np.asarray(v, np.float32).astype(d).astype(np.float32)
+
+    b = rnd(base)
+    deltas = np.stack([rnd(rnd(x) - b) for x in xs])
+    m = np.sort(deltas, axis=0)[(n - 1) // 2]
+    want = rnd(b + rnd(m * np.float32(lam)))
+    got = np.asarray(jax.jit(lambda bb, *xx: task_median(bb, list(xx), jnp.float32(lam), work=work))(base, *xs))
+    assert got.dtype == np.float32 and got.tobytes() == want.tobytes()

@@ -26,7 +26,7 @@ from superswallow_jax.tokenizer import (
     overrides_from_config,
     write_tokenizer,
 )
-from superswallow_jax.tokenizer.torch_sum import TorchDim0Sum
+from superswallow_jax.host.torch_sum import TorchDim0Sum
 
 BF16 = ml_dtypes.bfloat16
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from .numerics import divide, rounder, sum_f32
 from ..dtypes import NP
-from .sparsify import round_scalar
+from ..host.scalar import round_scalar
 
 
 def squares(deltas: Sequence[jnp.ndarray], *, d: str) -> list[jnp.ndarray]:

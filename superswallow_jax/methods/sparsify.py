@@ -28,14 +28,12 @@ Host side: :func:`rescale_factor`, :func:`magnitude_threshold` and
 
 from __future__ import annotations
 
-import math
 
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from .. import prng
-from ..dtypes import NP
+from ..host.blocks import BLOCK
 from .numerics import divide, rounder
 
 
@@ -151,26 +149,6 @@ def apply_keep(delta: jnp.ndarray, keep: jnp.ndarray, factor: jnp.ndarray, *, wo
 
 
 
-def round_scalar(x: float, code: str) -> float:
-    """Round a Python float to dtype ``code`` through float32 (as torch does for a f32 sum)."""
-    return float(np.float32(x).astype(NP[code]).astype(np.float32))
-
-
-def rescale_factor(l1_full: float, l1_kept: float, work: str) -> float:
-    """mergekit's L1 rescale: ||delta||_1 / ||delta*m||_1 in the work dtype, or 1.0.
-
-    Both norms are rounded to ``work`` first; below 1e-7 the vector is left unscaled.
-    """
-    a = round_scalar(l1_full, work)
-    b = round_scalar(l1_kept, work)
-    if a < 1e-7 or b < 1e-7:
-        return 1.0
-    return round_scalar(float(np.float32(a) / np.float32(b)), work)
-
-
-BLOCK = 1 << 10
-
-
 def block_sums(x: jnp.ndarray) -> jnp.ndarray:
     """float32[n // BLOCK]: sums of consecutive BLOCK-element blocks of float32[n] ``x``.
 
@@ -183,80 +161,3 @@ def block_sums(x: jnp.ndarray) -> jnp.ndarray:
     while y.shape[1] > 1:
         y = y[:, 0::2] + y[:, 1::2]
     return y[:, 0]
-
-
-def block_l1(values: np.ndarray) -> list[float]:
-    """Per-block (BLOCK = 1024 elements, from the array start) float64 sums of |values|.
-
-    Chunk offsets are multiples of BLOCK, so the blocks -- and the total
-    ``math.fsum`` of them -- do not depend on the chunking. |x| is exact in
-    float32 for bf16/fp16/f32 values, and each block is summed in float64 with
-    NumPy's pairwise summation (the same for a block wherever it lies).
-    """
-    a = np.abs(np.asarray(values, dtype=np.float32))
-    nfull = a.size // BLOCK
-    sums = a[: nfull * BLOCK].reshape(nfull, BLOCK).sum(axis=1, dtype=np.float64).tolist() if nfull else []
-    if a.size % BLOCK:
-        sums.append(float(a[nfull * BLOCK :].sum(dtype=np.float64)))
-    return sums
-
-def total(blocks: list[float]) -> float:
-    return math.fsum(blocks)
-
-
-def magnitude_k(density: float, n: int) -> int:
-    """Entries kept by magnitude pruning (mergekit 0.1.5: at least one; none if density <= 0)."""
-    if density <= 0:
-        return 0
-    return max(1, int(density * n))
-
-
-def abs_bits(values: np.ndarray, work: str) -> np.ndarray:
-    """Unsigned integers ordered like |values| (values: float32 holding ``work`` numbers)."""
-    if work == "F32":
-        return values.astype(np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
-    return values.astype(NP[work]).view(np.uint16) & np.uint16(0x7FFF)
-
-
-def magnitude_threshold(hist: np.ndarray, k: int, shift: int = 0) -> tuple[int, int]:
-    """From a histogram of abs-bit patterns, the bucket holding the k-th largest and
-    how many entries lie strictly above that bucket. Returns (bucket, count_above)."""
-    if k <= 0:
-        return len(hist), 0  # nothing kept: threshold above every value
-    csum_from_top = np.cumsum(hist[::-1])
-    idx = int(np.searchsorted(csum_from_top, k))  # first position where cumulative >= k
-    bucket = len(hist) - 1 - idx
-    above = int(csum_from_top[idx - 1]) if idx > 0 else 0
-    return bucket, above
-
-
-def bits_to_value(bits: int, work: str) -> float:
-    """The float32 value of an abs-bit pattern of dtype ``work``."""
-    if work == "F32":
-        return float(np.array([bits], np.uint32).view(np.float32)[0])
-    return float(np.array([bits], np.uint16).view(NP[work]).astype(np.float32)[0])
-
-
-def outlier_range(density: float, gamma: float, n: int) -> tuple[int, int]:
-    """Descending positions ``[start, stop)`` kept by magnitude_outliers (breadcrumbs), mergekit 0.1.5.
-
-    mergekit sorts |delta| ascending and keeps sorted positions
-    ``[n_bot, n_bot + T)`` (Python slice rules) with ``T = int(density * n)``,
-    ``n_top = int(gamma * n)`` and ``n_bot = max(0, n - T - n_top)``.
-    """
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    kept = range(n)[n_bot : n_bot + target]
-    if len(kept) == 0:
-        return 0, 0
-    return n - kept.stop, n - kept.start
-
-
-def range_keep_numpy(a: np.ndarray, top: float, skip: int, bottom: float, quota: int) -> np.ndarray:
-    """Host twin of :func:`range_keep` (for rescale statistics)."""
-    tie_top = a == top
-    tie_bot = a == bottom
-    it = np.cumsum(tie_top) - tie_top
-    ib = np.cumsum(tie_bot) - tie_bot
-    return ((a < top) | (tie_top & (it >= skip))) & ((a > bottom) | (tie_bot & (ib < quota)))

@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 import jax
 import numpy as np
 
-from ..methods.registry import MethodSpec
+from ..registry import MethodSpec
 from ..stream import StepContext
 
 

@@ -1,4 +1,4 @@
-"""Chunk programs for ``linear`` and ``passthrough``."""
+"""Chunk programs for ``linear``, ``passthrough`` and ``task_median`` (one pass each)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from ..dtypes import NP
 from ..methods.linear import linear
 from ..methods.numerics import cast_out
 from ..methods.passthrough import passthrough
+from ..methods.task_median import task_median
 from ..stream import StepContext
-from . import kernel_cache
+from . import kernel_cache, split_base
 
 
 @kernel_cache
@@ -54,3 +55,22 @@ def base_only_program(ctx: StepContext):
 
 def prepare_passthrough(ctx: StepContext):
     return passthrough_program(ctx, 0, ctx.step.sources[0].params.get("scale"))
+
+
+@kernel_cache
+def _task_median_kernel(work: str, out: str, base: int):
+    def run(xs, lam):
+        b, others = split_base(xs, base)
+        return cast_out(task_median(b, others, lam, work=work), NP[out])
+
+    return jax.jit(run)
+
+
+def prepare_task_median(ctx: StepContext):
+    """task_median: one pass (elementwise); only the base: a copy of it."""
+    if (p := base_only_program(ctx)) is not None:
+        return p
+    step = ctx.step
+    kern = _task_median_kernel(step.work_dtype, step.out_dtype, step.base)
+    lam = np.float32(step.params["lambda"])
+    return lambda xs, a, b: kern(xs, lam)

@@ -5,8 +5,8 @@ Each method reduces vectors of a tensor (the flattened tensor, its rows or its
 columns) to a few scalars, then applies them elementwise. ``prepare`` runs the
 statistics passes -- each a full pass over the chunks, recomputing what it
 needs from the inputs, so no tensor is ever held whole -- and the scalars are
-derived on the host with torch's op sequence (:mod:`..methods.scalar`). The
-sums are chunk-invariant float64 sums (:mod:`..methods.vecsum`), so the output
+derived on the host with torch's op sequence (:mod:`..host.scalar`). The
+sums are chunk-invariant float64 sums (:mod:`..host.vecsum`), so the output
 bytes do not depend on the chunk size. A step with a single source (an
 optional tensor that only one model has) is copied, as mergekit does.
 """
@@ -30,8 +30,8 @@ from ..methods import model_stock as ms
 from ..methods import slerp as sl
 from ..methods.nearswap import nearswap
 from ..methods.numerics import as_f32, cast_out, divide, rounder
-from ..methods.scalar import clamp, f32fn, fma32, norm, rnd, rnd_array, seq_sum32, sqrt32
-from ..methods.vecsum import LaneSumSq, Layout, VectorMax, VectorSums
+from ..host.scalar import clamp, f32fn, fma32, norm, rnd, rnd_array, seq_sum32, sqrt32
+from ..host.vecsum import LaneSumSq, Layout, VectorMax, VectorSums
 from ..plan import Step
 from ..stream import StepContext
 from .basic import passthrough_program

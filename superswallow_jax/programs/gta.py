@@ -30,6 +30,9 @@ from ..errors import PlanError
 from ..dtypes import NP
 from ..methods import gta as gta_m
 from ..methods import sparsify as sp
+from ..host import scalar as hs
+from ..host import histogram as hh
+from ..host import blocks as hb
 from ..methods.numerics import cast_out
 from ..plan import Step
 from ..stream import StepContext, pad
@@ -211,7 +214,7 @@ def _keep_masks(ctx: StepContext, sig: KernelSig, sa: _Sparse, a: int, b: int, f
 
 
 def _round(x: float, code: str) -> float:
-    return sp.round_scalar(x, code)
+    return hs.round_scalar(x, code)
 
 
 @dataclass
@@ -311,7 +314,7 @@ def _stats_pass(ctx: StepContext, args: _GtaArgs) -> None:
         l1_full: list[list[float]] = [[] for _ in donors]
         l1_kept: list[list[float]] = [[] for _ in donors]
         def collect(a: int, b: int, res) -> None:
-            nb = -(-(b - a) // sp.BLOCK)
+            nb = -(-(b - a) // hb.BLOCK)
             for j in range(len(donors)):
                 if need[j]:
                     l1_full[j] += np.asarray(res[j][0])[:nb].tolist()
@@ -321,7 +324,7 @@ def _stats_pass(ctx: StepContext, args: _GtaArgs) -> None:
         for j, kind in enumerate(sig.sparsify):
             if not need[j]:
                 continue
-            args.sa.factors[j] = sp.rescale_factor(sp.total(l1_full[j]), sp.total(l1_kept[j]), _work_of(sig, kind))
+            args.sa.factors[j] = hb.rescale_factor(hb.total(l1_full[j]), hb.total(l1_kept[j]), _work_of(sig, kind))
     if "magnitude_outliers" in sig.sparsify:
         _outlier_ranges(ctx, args, rescale)
 
@@ -329,7 +332,7 @@ def _stats_pass(ctx: StepContext, args: _GtaArgs) -> None:
 def _outlier_ranges(ctx: StepContext, args: _GtaArgs, rescale: bool) -> None:
     """TIES and breadcrumbs: the exact kept range of each donor's magnitude order (and its L1 rescale).
 
-    TIES keeps positions [0, k); breadcrumbs a middle range (see ``sparsify.outlier_range``).
+    TIES keeps positions [0, k); breadcrumbs a middle range (see ``host.histogram.outlier_range``).
     """
     step, sig = ctx.step, args.sig
     outl = tuple(k if k == "magnitude_outliers" else None for k in sig.sparsify)
@@ -340,14 +343,14 @@ def _outlier_ranges(ctx: StepContext, args: _GtaArgs, rescale: bool) -> None:
         if not outl[j]:
             ranges.append(None)
         elif ctx.plan.method.sparsify == "magnitude":
-            ranges.append((0, sp.magnitude_k(p.get("density", 1.0), step.numel)))
+            ranges.append((0, hh.magnitude_k(p.get("density", 1.0), step.numel)))
         else:
-            ranges.append(sp.outlier_range(p.get("density", 1.0), p.get("gamma", 0.01), step.numel))
+            ranges.append(hh.outlier_range(p.get("density", 1.0), p.get("gamma", 0.01), step.numel))
 
     def compute_keys(a: int, b: int):
         res = kern(a, b)
         ctx.release(a, b)
-        return [sp.abs_bits(np.asarray(r[0])[: b - a], sig.work) if outl[j] else None for j, r in enumerate(res)]
+        return [hh.abs_bits(np.asarray(r[0])[: b - a], sig.work) if outl[j] else None for j, r in enumerate(res)]
 
     # select_ranges asks for each chunk's keys in two or three passes: keep them while they fit.
     sels = select_ranges(ctx.chunks, lambda a, b: ctx.cache.get(("keys", a), lambda: compute_keys(a, b)), ranges,
@@ -360,7 +363,7 @@ def _outlier_ranges(ctx: StepContext, args: _GtaArgs, rescale: bool) -> None:
         args.sa.thresholds[j] = np.float32(sel.top)
         args.sa.bottoms[j] = np.float32(sel.bottom)
         if rescale:
-            args.sa.factors[j] = sp.rescale_factor(sel.l1_full, sel.l1_kept, sig.work)
+            args.sa.factors[j] = hb.rescale_factor(sel.l1_full, sel.l1_kept, sig.work)
 
 
 def prepare_gta(ctx: StepContext):

@@ -16,7 +16,7 @@ from ..dtypes import NP
 from ..methods import gta as gta_m
 from ..methods import ram as ram_m
 from ..methods.numerics import cast_out
-from ..methods.sparsify import round_scalar
+from ..host.scalar import round_scalar
 from ..stream import StepContext
 from .basic import base_only_program
 from . import kernel_cache, split_base

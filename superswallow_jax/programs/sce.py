@@ -19,6 +19,9 @@ from ..dtypes import NP
 from ..methods import gta as gta_m
 from ..methods import sce as sce_m
 from ..methods import sparsify as sp
+from ..host import scalar as hs
+from ..host import histogram as hh
+from ..host import blocks as hb
 from ..methods.numerics import cast_out
 from ..stream import StepContext, pad
 from .basic import base_only_program
@@ -86,12 +89,12 @@ def prepare_sce(ctx: StepContext):
             # select_ranges asks for each chunk's keys in two or three passes
             # and the merge pass needs them once more: the variance (float64
             # on the host, the costly part) is kept in the step's cache.
-            return [sp.abs_bits(ctx.cache.get(("var", a), lambda: var_of(a, b)), work)]
+            return [hh.abs_bits(ctx.cache.get(("var", a), lambda: var_of(a, b)), work)]
 
         def visit(a: int, b: int, keeps) -> None:
             sqs = last_squares.pop(a, None)  # computed by keys() just now unless the variance was kept
             for i, sq in enumerate(sqs if sqs is not None else taus(a, b)[1]):
-                blocks[i] += sp.block_l1(sq * keeps[0])
+                blocks[i] += hb.block_l1(sq * keeps[0])
 
         sel = select_ranges(
             ctx.chunks, keys, lambda zeros: [(0, sce_m.topk_count(n - zeros[0], topk))], work, visit=visit,
@@ -101,13 +104,13 @@ def prepare_sce(ctx: StepContext):
 
         def add_l1(a: int, b: int, res) -> None:
             for i, sq in enumerate(res[1]):
-                blocks[i] += sp.block_l1(np.asarray(sq)[: b - a])
+                blocks[i] += hb.block_l1(np.asarray(sq)[: b - a])
 
         ctx.each_chunk(lambda a, b: tau(ctx.inputs(a, b)), add_l1)
     else:
         mode = "none"
-    w = sce_m.weights([sp.total(bl) for bl in blocks], n, work)
-    floor = np.float32(sp.round_scalar(1e-6, work))
+    w = sce_m.weights([hb.total(bl) for bl in blocks], n, work)
+    floor = np.float32(hs.round_scalar(1e-6, work))
     merge = _merge_kernel(work, step.out_dtype, step.base, mode, ctx.bucket)
     cursor = sel.quotas() if sel is not None else None
     dummy = np.zeros((1,), np.float32)

@@ -16,7 +16,7 @@ Nothing is sorted and no per-entry state is kept across chunks:
    the kept entries (fixed 1024-element float64 blocks, then ``math.fsum``).
 
 Each pass calls ``keys(a, b)`` for the chunks in order; it returns, per
-selector, the magnitudes' bit patterns (:func:`~superswallow_jax.methods.sparsify.abs_bits`)
+selector, the magnitudes' bit patterns (:func:`~superswallow_jax.host.histogram.abs_bits`)
 of elements ``[a, b)``, or ``None`` for a selector that is not needed. The
 result is the same for any chunk size.
 """
@@ -29,7 +29,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..dtypes import NP
-from ..methods import sparsify as sp
+from ..host import blocks
+from ..host import histogram as hh
 
 Keys = Callable[[int, int], Sequence["np.ndarray | None"]]
 
@@ -134,7 +135,7 @@ def select_ranges(
         s = sels[j]
         if s.empty:
             continue
-        ends[j] = [sp.magnitude_threshold(hist[j], s.start + 1), sp.magnitude_threshold(hist[j], s.stop)]
+        ends[j] = [hh.magnitude_threshold(hist[j], s.start + 1), hh.magnitude_threshold(hist[j], s.stop)]
     if wide and ends:
         # pass 2: low 16 bits inside the two buckets
         low = {j: [np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int64)] for j in ends}
@@ -149,14 +150,14 @@ def select_ranges(
             s = sels[j]
             exact = []
             for e, ((hb, above_hi), k) in enumerate(zip(ends[j], (s.start + 1, s.stop))):
-                lb, above_lo = sp.magnitude_threshold(low[j][e], k - above_hi)
+                lb, above_lo = hh.magnitude_threshold(low[j][e], k - above_hi)
                 exact.append(((hb << 16) | lb, above_hi + above_lo))
             ends[j] = exact
     tie_bits: dict[int, tuple[int, int]] = {}
     for j, ((tb, tbefore), (bb, bbefore)) in ends.items():
         s = sels[j]
-        s.top, s.top_before = sp.bits_to_value(int(tb), work), tbefore
-        s.bottom, s.bottom_before = sp.bits_to_value(int(bb), work), bbefore
+        s.top, s.top_before = hh.bits_to_value(int(tb), work), tbefore
+        s.bottom, s.bottom_before = hh.bits_to_value(int(bb), work), bbefore
         tie_bits[j] = (int(tb), int(bb))
 
     # last pass: per-chunk tie counts (and L1 norms)
@@ -176,14 +177,14 @@ def select_ranges(
                 continue
             vals = _bits_values(bits, work)
             skip, quota = cursors[j].next(a)
-            keeps[j] = np.zeros(bits.shape, bool) if s.empty else sp.range_keep_numpy(vals, s.top, skip, s.bottom, quota)
+            keeps[j] = np.zeros(bits.shape, bool) if s.empty else hh.range_keep_numpy(vals, s.top, skip, s.bottom, quota)
             if l1:
-                full[j] += sp.block_l1(vals)
-                kept[j] += sp.block_l1(vals * keeps[j])
+                full[j] += blocks.block_l1(vals)
+                kept[j] += blocks.block_l1(vals * keeps[j])
         if visit is not None:
             visit(a, b, keeps)
     if l1:
         for j in active:
-            sels[j].l1_full = sp.total(full[j])
-            sels[j].l1_kept = sp.total(kept[j])
+            sels[j].l1_full = blocks.total(full[j])
+            sels[j].l1_kept = blocks.total(kept[j])
     return sels

@@ -32,7 +32,7 @@ from ..errors import TokenizerError
 from .load import ModelTokenizer
 from .output import OutputTokenizer
 from .overrides import TokenOverride
-from .torch_sum import TorchDim0Sum
+from ..host.torch_sum import TorchDim0Sum
 
 __all__ = ["EmbeddingAlignment", "align_embeddings"]
 

@@ -7,7 +7,7 @@ whose boundaries are multiples of :data:`BLOCK`; the sums here never depend on
 where those boundaries lie:
 
 * ``flat``: float64 sums of fixed :data:`BLOCK`-element blocks, combined with
-  ``math.fsum`` (as :func:`superswallow_jax.methods.sparsify.block_l1`);
+  ``math.fsum`` (as :func:`superswallow_jax.host.blocks.block_l1`);
 * ``rows``: float64 sums of the pieces a row is cut into by the block grid,
   added to the row's accumulator in index order;
 * ``cols``: each element added to its column's float64 accumulator in index
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax import lax
 
-BLOCK = 1 << 10  # equals sparsify.BLOCK: chunk boundaries are multiples of it
+from .blocks import BLOCK  # chunk boundaries are multiples of it
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ class MethodSpec:
 
 
 def _della_ranges(params: Mapping[str, Any], where: str) -> None:
-    from ..errors import ConfigError
+    from .errors import ConfigError
 
     dens, eps = params.get("density", 1.0), params.get("epsilon", 0.15)
     if 0 < dens < 1 and (dens + eps >= 1 or dens - eps <= 0):
@@ -312,6 +312,16 @@ METHODS: Mapping[str, MethodSpec] = {
         reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
         inputs=Inputs(min_inputs=2, max_inputs=2, optional="passthrough_base_singleton"),
     ),
+    "task_median": MethodSpec(
+        "task_median",
+        "basic:prepare_task_median",
+        "base + elementwise (lower) median of the task vectors: robust to one outlier model",
+        global_={"lambda": Param("lambda", float, 1.0, "scale of the median task vector")},
+        base="required",
+        pretty="Task Median",
+        needs_base_tensor=True,
+        inputs=Inputs(min_non_base=1, optional="passthrough_base_singleton"),
+    ),
     "arcee_fusion": MethodSpec(
         "arcee_fusion",
         "geometric:prepare_arcee_fusion",
@@ -327,7 +337,7 @@ METHODS: Mapping[str, MethodSpec] = {
 
 def get_method(name: object, where: str) -> MethodSpec:
     """Look up a method by mergekit name, raising ConfigError naming ``where``."""
-    from ..errors import ConfigError
+    from .errors import ConfigError
 
     if not isinstance(name, str) or name not in METHODS:
         known = ", ".join(sorted(METHODS))

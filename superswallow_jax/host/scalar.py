@@ -4,7 +4,7 @@ The geometric methods (slerp, nuslerp, multislerp, karcher, model_stock,
 arcee_fusion) reduce whole vectors to a handful of scalars -- norms, dot
 products, angles -- and then apply those scalars elementwise. The scalars are
 computed here, on the host, from whole-tensor statistics
-(:mod:`superswallow_jax.methods.vecsum`), following the op sequence and dtypes
+(:mod:`superswallow_jax.host.vecsum`), following the op sequence and dtypes
 mergekit 0.1.5 uses on torch CPU:
 
 * a value in working dtype ``d`` is an ``np.float32`` holding a ``d`` number;
@@ -17,7 +17,7 @@ mergekit 0.1.5 uses on torch CPU:
   :func:`f32fn`).
 
 torch's float32 ``linalg.vector_norm`` (slerp, karcher) is reproduced bit
-for bit (:class:`~superswallow_jax.methods.vecsum.LaneSumSq`). For its other
+for bit (:class:`~superswallow_jax.host.vecsum.LaneSumSq`). For its other
 reductions -- sums and dot products, whose float32 order depends on torch's
 thread count, and ``torch.norm`` of ``d`` tensors, rounded to ``d`` -- the
 statistics are the correctly rounded values instead: they agree with torch's
@@ -97,3 +97,8 @@ def fma32(x, y, z) -> np.float32:
         bits += 1 if (err > 0) == (s > 0) else -1
         s = np.array(bits, np.uint64).view(np.float64)[()]
     return np.float32(s)
+
+
+def round_scalar(x: float, code: str) -> float:
+    """:func:`rnd` as a Python float: a Python float rounded to dtype ``code`` through float32."""
+    return float(rnd(x, code))
