@@ -113,13 +113,14 @@ def assign_shards_to_processes(shard_bytes: Sequence[int], count: int) -> list[i
 
 def distributed_active() -> bool:
     """Whether this process has started JAX's multi-process runtime."""
-    from jax._src import distributed  # no public API for this yet
-
-    return distributed.global_state.client is not None
+    return jax.distributed.is_initialized()
 
 
 def _client():
-    from jax._src import distributed  # the runtime's key-value store has no public API yet
+    # The coordination service's key-value store and barriers (used to exchange small JSON
+    # values without a device collective, which multi-process CPU runs lack) have no public
+    # API in jax 0.10; this is the only private access in the library.
+    from jax._src import distributed
 
     client = distributed.global_state.client
     if client is None:

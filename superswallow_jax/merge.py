@@ -22,7 +22,7 @@ from .execute import ExecOptions, iter_results
 from .io.commit import crash_point
 from .options import MergeOptions
 from .output import Output
-from .plan import Plan, build_plan, close_models
+from .plan import Plan, build_plan
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions
     if on_plan is not None:
         on_plan(plan)
     output = Output(plan, out_dir, opts, procs, say or (lambda _line: None))
-    with close_models(plan):
+    with plan:
         try:
             output.prepare({m.key: m.dir for m in plan.models})
             digests, inputs, files, written, kept = _write_tensors(plan, output, opts, progress, order)
@@ -120,7 +120,7 @@ def verify_stream(cfg: MergeConfig, opts: MergeOptions = MergeOptions(), select=
     ``opts``: the byte-relevant options of the merge being checked (seed, out_dtype).
     """
     plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype)
-    with close_models(plan):
+    with plan:
         order = [i for i, s in enumerate(plan.steps) if select is None or select(s.name)]
         specs = {plan.steps[i].name: (plan.steps[i].out_dtype, plan.steps[i].shape) for i in order}
         hasher = mf.StreamHasher(specs)

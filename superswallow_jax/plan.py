@@ -19,10 +19,10 @@ output shard. :func:`build_plan` follows mergekit 0.1.5:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 
 from .architecture import Architecture, WeightTemplate, resolve_architecture
@@ -37,15 +37,21 @@ from .io.writer import TensorSpec, assign_shards
 from .registry import MethodSpec
 from .params import Setting
 
+if TYPE_CHECKING:  # types only: importing the tokenizer costs start-up time
+    from .tokenizer import EmbeddingAlignment, OutputTokenizer
 
 
-@dataclass
+
+@dataclass(frozen=True)
 class ModelInput:
-    """One referenced model: its config key, folder, config.json and weights."""
+    """One referenced model: its config key, folder, config.json (read-only) and open weights.
+
+    The :class:`Plan` holding it closes the checkpoint (``with plan:``).
+    """
 
     key: str
     dir: Path
-    config: dict
+    config: Mapping[str, Any]
     checkpoint: Checkpoint
 
 
@@ -72,7 +78,7 @@ class Step:
     embed: bool  # rows aligned to the output vocabulary
     t: float
     layer: int | None
-    alignment: Any = None  # tokenizer.EmbeddingAlignment over ``sources`` (embed steps only)
+    alignment: EmbeddingAlignment | None = None  # over ``sources`` (embed steps only)
 
     @property
     def numel(self) -> int:
@@ -102,8 +108,19 @@ class Plan:
     steps: tuple[Step, ...]
     shards: tuple[tuple[str, ...], ...]  # tensor names per output shard
     out_config: Mapping[str, Any]
-    tokenizer: Any = None  # tokenizer.OutputTokenizer or None
+    tokenizer: OutputTokenizer | None = None
     chat_template: str | None = None  # resolved template text to write, or None
+
+    def close(self) -> None:
+        """Close every model's open weight files."""
+        for m in self.models:
+            m.checkpoint.close()
+
+    def __enter__(self) -> "Plan":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def total_input_bytes(self) -> int:
@@ -235,7 +252,7 @@ def load_models(cfg: MergeConfig) -> tuple[ModelInput, ...]:
     out = []
     for ref in cfg.referenced_models():
         d = resolve_model_dir(ref)
-        out.append(ModelInput(ref, d, read_model_config(d), Checkpoint(d)))
+        out.append(ModelInput(ref, d, MappingProxyType(read_model_config(d)), Checkpoint(d)))
     return tuple(out)
 
 
@@ -299,165 +316,193 @@ def _has_direct(ckpt: Checkpoint, w: WeightTemplate) -> bool:
     return any(n in ckpt.tensors for n in (w.name, *w.aliases))
 
 
-def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, shard_size: int = 5_000_000_000,
-               out_dtype: str | None = None) -> Plan:
-    """Build the full plan. ``out_dtype`` (a dtype code) overrides the config's."""
-    models = tuple(models) if models is not None else load_models(cfg)
+def _check_slices(cfg: MergeConfig, slices: Sequence[_SliceSources]) -> None:
+    """The method's base and input contract against every slice (mergekit's plan-time checks)."""
     method = cfg.method
-    arch = resolve_architecture(
-        [m.config for m in models], [list(m.checkpoint.tensors) for m in models], [m.key for m in models]
-    )
-    slices = _normalize(cfg, models, arch)
-    index = {m.key: i for i, m in enumerate(models)}
-    base_model = index[cfg.base_model] if cfg.base_model else None
     if method.base == "required" and any(s.base is None for s in slices):
         if cfg.base_model is None:
             raise ConfigError(f"base_model: merge_method {method.name} needs a base model")
         raise ConfigError(f"base_model: {cfg.base_model} is not a source of every slice")
-    if method.one_source_per_slice:
-        for s in slices:
-            if len(s.sources) != 1:
-                where = s.slice.where if s.slice else "models"
-                raise ConfigError(f"{where}: {method.name} takes exactly one model per slice, got {len(s.sources)}")
-    if method.inputs is not None:
-        for s in slices:
-            _check_inputs(method, len(s.sources), s.base is not None, s.slice.where if s.slice else "models", ConfigError)
+    for s in slices:
+        where = s.slice.where if s.slice else "models"
+        if method.one_source_per_slice and len(s.sources) != 1:
+            raise ConfigError(f"{where}: {method.name} takes exactly one model per slice, got {len(s.sources)}")
+        if method.inputs is not None:
+            _check_inputs(method, len(s.sources), s.base is not None, where, ConfigError)
 
-    # ---- tokenizer
-    tokenizer = None
-    mtoks: dict = {}
-    overrides: dict = {}
-    if cfg.tokenizer is not None:
-        from . import tokenizer as tok_mod
 
-        tok_base = base_model if base_model is not None else 0
-        order = [tok_base] + [i for i in range(len(models)) if i != tok_base]
-        mtoks = {}
-        for i in order:
-            vs = models[i].config.get("vocab_size")
-            mtoks[i] = tok_mod.load_model_tokenizer(models[i].dir, vs if isinstance(vs, int) else None)
-        source = cfg.tokenizer.source
-        if source not in ("base", "union"):
-            if source not in index:
-                raise ConfigError(f"tokenizer source: {source!r} is not one of the merged models")
-        overrides = tok_mod.overrides_from_config(cfg.tokenizer.tokens, [m.key for m in models])
-        ordered_keys = [models[i].key for i in order]
-        tokenizer = tok_mod.build_output_tokenizer(
-            source, mtoks[order[0]], [mtoks[i] for i in order[1:]], ordered_keys, overrides, cfg.tokenizer.pad_to_multiple_of,
-        )
+@dataclass(frozen=True)
+class _Tokens:
+    """The output tokenizer, each model's tokenizer (by model index) and ``tokenizer.tokens``."""
 
-    # ---- steps
-    dtype = cfg.dtype
-    forced_out = out_dtype or cfg.out_dtype
-    steps: list[Step] = []
+    output: Any = None  # tokenizer.OutputTokenizer
+    models: Mapping[int, Any] = field(default_factory=dict)  # tokenizer.ModelTokenizer
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
-    def make_step(out_name: str, w: WeightTemplate, sl: _SliceSources, layer_of: Mapping[int, int] | None, t: float, out_layer: int | None) -> None:
+
+def _tokens(cfg: MergeConfig, models: Sequence[ModelInput], base_model: int | None) -> _Tokens:
+    if cfg.tokenizer is None:
+        return _Tokens()
+    from . import tokenizer as tok_mod
+
+    index = {m.key: i for i, m in enumerate(models)}
+    tok_base = base_model if base_model is not None else 0
+    order = [tok_base] + [i for i in range(len(models)) if i != tok_base]
+    mtoks = {}
+    for i in order:
+        vs = models[i].config.get("vocab_size")
+        mtoks[i] = tok_mod.load_model_tokenizer(models[i].dir, vs if isinstance(vs, int) else None)
+    source = cfg.tokenizer.source
+    if source not in ("base", "union") and source not in index:
+        raise ConfigError(f"tokenizer source: {source!r} is not one of the merged models")
+    overrides = tok_mod.overrides_from_config(cfg.tokenizer.tokens, [m.key for m in models])
+    output = tok_mod.build_output_tokenizer(
+        source, mtoks[order[0]], [mtoks[i] for i in order[1:]], [models[i].key for i in order], overrides,
+        cfg.tokenizer.pad_to_multiple_of,
+    )
+    return _Tokens(output, mtoks, overrides)
+
+
+@dataclass(frozen=True)
+class _Planner:
+    """What every step of one plan is made from."""
+
+    cfg: MergeConfig
+    models: tuple[ModelInput, ...]
+    tokens: _Tokens
+    forced_out: str | None
+
+    def sources(self, w: WeightTemplate, sl: _SliceSources, layer_of: Mapping[int, int] | None, out_name: str):
+        """(model, spec, TensorInfo) of the slice's models that have tensor ``w``; None to leave it out."""
+        def at(m: int, first: int) -> WeightTemplate:
+            return w.at(first + layer_of[m]) if layer_of is not None else w
+
         srcs: list[tuple[int, SourceSpec | None, TensorInfo]] = []
         for m, spec, first in sl.sources:
-            wt = w.at(first + layer_of[m]) if layer_of is not None else w
-            info = _find(models[m].checkpoint, wt)
+            info = _find(self.models[m].checkpoint, at(m, first))
             if info is None:
                 if w.optional:
                     continue
-                raise PlanError(f"model {models[m].key}: tensor {wt.name} is missing ({models[m].dir})")
+                raise PlanError(f"model {self.models[m].key}: tensor {at(m, first).name} is missing ({self.models[m].dir})")
             srcs.append((m, spec, info))
         if not srcs:
-            return
-        if w.optional and not any(_has_direct(models[m].checkpoint, (w.at(first + layer_of[m]) if layer_of is not None else w)) for m, _, first in sl.sources):
-            return
+            return None
+        if w.optional and not any(_has_direct(self.models[m].checkpoint, at(m, first)) for m, _, first in sl.sources):
+            return None
+        method = self.cfg.method
         if method.inputs is not None and len(srcs) < len(sl.sources):
             if not _optional_inputs(method, [m for m, _, _ in srcs], sl.base, out_name):
-                return
+                return None
         for m, _, info in srcs:
             if info.dtype not in FLOAT_CODES:
-                raise PlanError(f"model {models[m].key}: tensor {info.name} has non-float dtype {info.dtype}")
-        embed = w.is_embed and tokenizer is not None
-        shapes = {info.shape for _, _, info in srcs}
+                raise PlanError(f"model {self.models[m].key}: tensor {info.name} has non-float dtype {info.dtype}")
+        return srcs
+
+    def shape(self, w: WeightTemplate, srcs, out_name: str, embed: bool) -> tuple[int, ...]:
+        """The output shape: the common shape, or (output vocabulary, hidden) for aligned embeddings."""
+        def detail() -> str:
+            return ", ".join(f"{self.models[m].key}: {list(info.shape)}" for m, _, info in srcs)
+
         if embed:
             hidden = {info.shape[1:] for _, _, info in srcs}
             if len(hidden) != 1 or any(len(info.shape) != 2 for _, _, info in srcs):
-                detail = ", ".join(f"{models[m].key}: {list(info.shape)}" for m, _, info in srcs)
-                raise PlanError(f"tensor {out_name}: embedding shapes differ beyond the vocabulary axis ({detail})")
-            shape = (tokenizer.padded_vocab_size, *hidden.pop())
-        else:
-            if len(shapes) != 1:
-                detail = ", ".join(f"{models[m].key}: {list(info.shape)}" for m, _, info in srcs)
-                hint = " (set tokenizer_source to align vocabularies)" if w.is_embed else ""
-                raise PlanError(f"tensor {out_name}: shape mismatch between models ({detail}){hint}")
-            shape = shapes.pop()
+                raise PlanError(f"tensor {out_name}: embedding shapes differ beyond the vocabulary axis ({detail()})")
+            return (self.tokens.output.padded_vocab_size, *hidden.pop())
+        shapes = {info.shape for _, _, info in srcs}
+        if len(shapes) != 1:
+            hint = " (set tokenizer_source to align vocabularies)" if w.is_embed else ""
+            raise PlanError(f"tensor {out_name}: shape mismatch between models ({detail()}){hint}")
+        return tuple(shapes.pop())
+
+    def step(self, out_name: str, w: WeightTemplate, sl: _SliceSources, layer_of: Mapping[int, int] | None,
+             t: float, out_layer: int | None) -> Step | None:
+        """One output tensor's step (None when the tensor is left out)."""
+        cfg, method, models = self.cfg, self.cfg.method, self.models
+        srcs = self.sources(w, sl, layer_of, out_name)
+        if srcs is None:
+            return None
+        embed = w.is_embed and self.tokens.output is not None
+        shape = self.shape(w, srcs, out_name, embed)
         base_pos = next((i for i, (m, _, _) in enumerate(srcs) if m == sl.base), None)
         if method.needs_base_tensor and base_pos is None:
             raise PlanError(f"tensor {out_name}: base model {models[sl.base].key if sl.base is not None else '?'} lacks it")
-        work = dtype or _promote([info.dtype for _, _, info in srcs])
+        work = cfg.dtype or _promote([info.dtype for _, _, info in srcs])
         if work == "F64":
             raise ConfigError("dtype: float64 math is not supported; set dtype: float32")
         sources = tuple(
             Source(m, info, _resolve_model_params(method, sl.slice, cfg, spec, info.name, t, m == sl.base, models[m].key))
             for m, spec, info in srcs
         )
-        alignment = None
-        if embed:
-            from . import tokenizer as tok_mod
-
-            # one alignment per tensor, over the models that have it, in source order
-            alignment = tok_mod.align_embeddings(
-                tokenizer, [mtoks[m] for m, _, _ in srcs], [models[m].key for m, _, _ in srcs], base_pos, overrides,
-            )
         gparams = _resolve_global_params(method, sl.slice, cfg, out_name, t)
         if method.validate is not None:
             for i, src in enumerate(sources):
                 if i != base_pos:
                     method.validate({**gparams, **src.params}, f"tensor {out_name}, model {models[src.model].key}")
-        steps.append(Step(
-            name=out_name, shape=tuple(shape), out_dtype=forced_out or _result_dtype(method, work, len(srcs), base_pos),
-            work_dtype=work, sources=sources,
-            base=base_pos, params=gparams, embed=embed, t=t,
-            layer=out_layer, alignment=alignment,
-        ))
+        alignment = None
+        if embed:  # one alignment per tensor, over the models that have it, in source order
+            from .tokenizer import align_embeddings
 
-    for w in arch.pre_weights:
-        make_step(w.name, w, slices[0], None, 0.0, None)
+            alignment = align_embeddings(self.tokens.output, [self.tokens.models[m] for m, _, _ in srcs],
+                                         [models[m].key for m, _, _ in srcs], base_pos, self.tokens.overrides)
+        return Step(
+            name=out_name, shape=shape, out_dtype=self.forced_out or _result_dtype(method, work, len(srcs), base_pos),
+            work_dtype=work, sources=sources, base=base_pos, params=gparams, embed=embed, t=t,
+            layer=out_layer, alignment=alignment,
+        )
+
+
+def _steps(planner: _Planner, arch: Architecture, slices: Sequence[_SliceSources]) -> tuple[list[Step], int]:
+    """Every output tensor in HF order (pre-layer, layers renumbered across slices, post-layer), and the layer count."""
+    steps: list[Step | None] = [planner.step(w.name, w, slices[0], None, 0.0, None) for w in arch.pre_weights]
     out_layer = 0
     for sl in slices:
         for j in range(sl.num_layers):
             t = j / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0
             layer_of = {m: j for m, _, _ in sl.sources}
-            for w in arch.layer_templates:
-                make_step(w.at(out_layer).name, w, sl, layer_of, t, out_layer)
+            steps += [planner.step(w.at(out_layer).name, w, sl, layer_of, t, out_layer) for w in arch.layer_templates]
             out_layer += 1
-    for w in arch.post_weights:
-        make_step(w.name, w, slices[-1], None, 0.0, None)
-    if not steps:
+    steps += [planner.step(w.name, w, slices[-1], None, 0.0, None) for w in arch.post_weights]
+    kept = [s for s in steps if s is not None]
+    if not kept:
         raise PlanError("the plan is empty: no tensors matched the architecture")
+    return kept, out_layer
 
-    specs = [TensorSpec(s.name, s.out_dtype, s.shape) for s in steps]
-    shards = tuple(tuple(x.name for x in group) for group in assign_shards(specs, shard_size))
 
-    # ---- output config.json
-    donor = base_model if base_model is not None else 0
-    out_cfg = dict(models[donor].config)
-    dname = BY_CODE[forced_out or dtype].name if (forced_out or dtype) else None
-    if dname:
+def _out_config(cfg: MergeConfig, donor: ModelInput, arch: Architecture, dtype: str | None, layers: int,
+                tokenizer: Any) -> dict:
+    """config.json of the output: the donor's, with dtype, layer count and vocabulary size updated."""
+    out_cfg = dict(donor.config)
+    if dtype:
         # transformers v5 writes "dtype", 4.x "torch_dtype": update what the base uses
         keys = [k for k in ("dtype", "torch_dtype") if k in out_cfg] or ["torch_dtype"]
         for k in keys:
-            out_cfg[k] = dname
+            out_cfg[k] = BY_CODE[dtype].name
     if cfg.slices is not None and arch.num_layers_key:
-        out_cfg[arch.num_layers_key] = out_layer
+        out_cfg[arch.num_layers_key] = layers
     if tokenizer is not None:
         out_cfg["vocab_size"] = tokenizer.padded_vocab_size
+    return out_cfg
+
+
+def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, shard_size: int = 5_000_000_000,
+               out_dtype: str | None = None) -> Plan:
+    """Build the full plan. ``out_dtype`` (a dtype code) overrides the config's."""
+    models = tuple(models) if models is not None else load_models(cfg)
+    arch = resolve_architecture(
+        [m.config for m in models], [list(m.checkpoint.tensors) for m in models], [m.key for m in models]
+    )
+    slices = _normalize(cfg, models, arch)
+    _check_slices(cfg, slices)
+    base_model = {m.key: i for i, m in enumerate(models)}[cfg.base_model] if cfg.base_model else None
+    tokens = _tokens(cfg, models, base_model)
+    forced_out = out_dtype or cfg.out_dtype
+    steps, layers = _steps(_Planner(cfg, models, tokens, forced_out), arch, slices)
+    specs = [TensorSpec(s.name, s.out_dtype, s.shape) for s in steps]
+    shards = tuple(tuple(x.name for x in group) for group in assign_shards(specs, shard_size))
+    donor = models[base_model if base_model is not None else 0]
+    out_cfg = _out_config(cfg, donor, arch, forced_out or cfg.dtype, layers, tokens.output)
     chat = resolve_chat_template(cfg.chat_template, [m.dir for m in models])
-    return Plan(cfg, method, models, base_model, arch, tuple(steps), shards, out_cfg, tokenizer, chat)
-
-
-@contextmanager
-def close_models(plan: Plan) -> Iterator[Plan]:
-    """Close the plan's open checkpoints when the block ends."""
-    try:
-        yield plan
-    finally:
-        for m in plan.models:
-            m.checkpoint.close()
+    return Plan(cfg, cfg.method, models, base_model, arch, tuple(steps), shards, out_cfg, tokens.output, chat)
 
 
 def describe_params(p: Mapping[str, Any]) -> str:
@@ -469,4 +514,4 @@ def describe_params(p: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in p.items() if v is not None)
 
 
-__all__ = ["Plan", "Step", "Source", "ModelInput", "build_plan", "close_models", "load_models", "describe_params"]
+__all__ = ["Plan", "Step", "Source", "ModelInput", "build_plan", "load_models", "describe_params"]

@@ -68,6 +68,8 @@ class InputFetcher:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.buffers = HostBuffers()
+        #: padding means of vocabulary-aligned embeddings (EmbeddingAlignment.padding_row)
+        self.pad_rows: dict = {}
 
     def _view(self, step: Step, i: int) -> np.ndarray:
         src = step.sources[i]
@@ -85,7 +87,7 @@ class InputFetcher:
         hidden = step.shape[1]
         r0, r1 = a // hidden, -(-b // hidden)
         rows = step.alignment.aligned_rows(i, r0, r1, lambda j, ids: self._rows(step, j, ids), NP[step.work_dtype],
-                                           tensor=step.name)
+                                           tensor=step.name, pad_cache=self.pad_rows)
         return np.ascontiguousarray(rows).reshape(-1)[a - r0 * hidden : b - r0 * hidden]
 
     def padded(self, step: Step, i: int, a: int, b: int, n: int) -> np.ndarray:

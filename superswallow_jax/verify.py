@@ -35,7 +35,7 @@ from .io.reader import INDEX_NAME
 from .io.writer import index_json
 from .options import MergeOptions
 from .output import Output
-from .plan import build_plan, close_models
+from .plan import build_plan
 
 __all__ = ["Finding", "Report", "verify_folder"]
 
@@ -146,7 +146,7 @@ def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, selec
     opts = _options(man, seed)
     rep = Report(seed=opts.seed)
     plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype)
-    with close_models(plan):
+    with plan:
         if select is not None and not any(select(s.name) for s in plan.steps):
             raise ConfigError("--tensors: the pattern matches no tensor of this merge")
         o = Output(plan, out, opts, ProcessInfo(0, 1), lambda _line: None)

@@ -399,15 +399,16 @@ def test_padding_rows(three):
     # streaming blocks give the same rows; one padding pass per (model, dtype)
     calls = []
     counting = lambda j, ids: (calls.append(len(ids)), mats[KEYS[j]][ids])[1]  # noqa: E731
-    al2 = al.for_tensor()
-    blocks = np.concatenate([al2.aligned_rows(1, a, min(32, a + 5), counting, BF16) for a in range(0, 32, 5)])
+    cache: dict = {}
+    blocks = np.concatenate([al.aligned_rows(1, a, min(32, a + 5), counting, BF16, pad_cache=cache)
+                             for a in range(0, 32, 5)])
     assert np.array_equal(blocks.view(np.uint16), full.view(np.uint16))
     n_read = sum(calls)
-    al2.aligned_rows(1, 30, 32, counting, BF16)
+    al.aligned_rows(1, 30, 32, counting, BF16, pad_cache=cache)
     assert sum(calls) == n_read + 2  # cache hit: only the two probe rows are read
-    # a different tensor through the same instance is detected and recomputed
+    # a different tensor through the same cache is detected and recomputed
     other = {k: (m.astype(np.float32) * 2).astype(BF16) for k, m in mats.items()}
-    pad2 = al2.aligned_rows(1, 31, 32, _reader(other, KEYS), BF16)
+    pad2 = al.aligned_rows(1, 31, 32, _reader(other, KEYS), BF16, pad_cache=cache)
     np.testing.assert_array_equal(pad2.astype(np.float32), (want.astype(np.float32) * 2)[None])
 
 

@@ -23,7 +23,7 @@ Embedding alignment (:func:`align_embeddings`, :class:`EmbeddingAlignment`)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 
@@ -73,10 +73,9 @@ class EmbeddingAlignment:
     ``rows`` = ``padded_vocab_size``; ``num_tokens`` = ``len(tokens)``;
     ``model_keys[m]`` names model ``m`` (the order given to
     :func:`align_embeddings`, which is also the order in which default means
-    are accumulated). Immutable except for a private cache of padding means
-    keyed by ``(m, dtype, tensor)`` and checked against two probe rows. One
-    instance per output tensor (or a distinct ``tensor`` key per tensor)
-    avoids recomputing the mean when tensors alternate.
+    are accumulated). Immutable: the padding means a caller wants to keep
+    go into a mapping it passes (``pad_cache``), keyed by ``(m, dtype,
+    tensor)`` and checked against two probe rows.
     """
 
     rows: int
@@ -89,7 +88,6 @@ class EmbeddingAlignment:
     _kind: np.ndarray = field(repr=False)
     _src_model: np.ndarray = field(repr=False)
     _src_row: np.ndarray = field(repr=False)
-    _pad_cache: dict = field(default_factory=dict, repr=False)
 
     def permutation(self, m: int) -> np.ndarray:
         """int64 ``[num_tokens]`` (read-only): row of output token ``o`` in model
@@ -104,13 +102,6 @@ class EmbeddingAlignment:
     def forced(self, o: int) -> bool:
         """Whether every model uses token ``o``'s configured vector."""
         return bool(self._forced[o])
-
-    def for_tensor(self) -> "EmbeddingAlignment":
-        """A copy with an empty padding cache (shares the read-only arrays)."""
-        return EmbeddingAlignment(
-            self.rows, self.num_tokens, self.model_keys, self.base_index, self.torch_threads,
-            self._perm, self._forced, self._kind, self._src_model, self._src_row,
-        )
 
     # -- row reading
 
@@ -131,6 +122,7 @@ class EmbeddingAlignment:
         dtype: Any,
         *,
         tensor: Hashable = None,
+        pad_cache: MutableMapping | None = None,
     ) -> np.ndarray:
         """Model ``m``'s aligned embedding rows ``[r0, r1)``.
 
@@ -202,23 +194,25 @@ class EmbeddingAlignment:
         for where, x in parts:
             out[where] = x
         if r1 > T:
-            out[max(r0, T) - r0:] = self.padding_row(m, read_rows, d, tensor=tensor)
+            out[max(r0, T) - r0:] = self.padding_row(m, read_rows, d, tensor=tensor, cache=pad_cache)
         return out
 
     def padding_row(
-        self, m: int, read_rows: Callable[[int, np.ndarray], np.ndarray], dtype: Any, *, tensor: Hashable = None
+        self, m: int, read_rows: Callable[[int, np.ndarray], np.ndarray], dtype: Any, *, tensor: Hashable = None,
+        cache: MutableMapping | None = None,
     ) -> np.ndarray:
         """``[hidden]`` of ``dtype`` (read-only): torch ``mean(dim=0)`` of model
         ``m``'s first ``num_tokens`` aligned rows. Streams the rows in blocks
-        (a full pass over the model's matrix). Cached per ``(m, dtype, tensor)``;
-        a hit is only used if two probe rows read through ``read_rows`` still
-        match, so an instance shared by several tensors stays correct."""
+        (a full pass over the model's matrix). Kept in ``cache`` (when given)
+        per ``(m, dtype, tensor)``; a hit is only used if two probe rows read
+        through ``read_rows`` still match, so a cache shared by several tensors
+        stays correct."""
         d = _work_dtype(dtype)
         key = (m, d.name, tensor)
         present = np.nonzero(self._perm[m] >= 0)[0]
         probe = self._perm[m][present[[0, -1]]] if len(present) else np.zeros(0, np.int64)
         fp = np.ascontiguousarray(np.asarray(read_rows(m, probe))).tobytes()
-        hit = self._pad_cache.get(key)
+        hit = cache.get(key) if cache is not None else None
         if hit is not None and hit[0] == fp:
             return hit[1]
         T = self.num_tokens
@@ -232,7 +226,8 @@ class EmbeddingAlignment:
             acc.feed(blk)
         assert acc is not None
         row = _ro((acc.result() / np.float32(T)).astype(d))
-        self._pad_cache[key] = (fp, row)
+        if cache is not None:
+            cache[key] = (fp, row)
         return row
 
 
