@@ -87,80 +87,46 @@ def _bits_values(bits: np.ndarray, work: str) -> np.ndarray:
     return bits.astype(np.uint16).view(NP[work]).astype(np.float64)
 
 
-def select_ranges(
-    chunks: Iterable[tuple[int, int]] | Callable[[], Iterable[tuple[int, int]]],
-    keys: Keys,
-    ranges: Sequence[tuple[int, int] | None] | Callable[[list[int]], Sequence[tuple[int, int] | None]],
-    work: str,
-    *,
-    l1: bool = False,
-    visit: Callable[[int, int, list["np.ndarray | None"]], None] | None = None,
-) -> list[Selection | None]:
-    """One :class:`Selection` per range (``None`` where the range is ``None``).
+_NB = 1 << 15  # sign bit cleared: 15 bits (16-bit dtypes) or the high 15 of float32's 31
 
-    ``chunks()`` yields the ``[a, b)`` ranges in order (called once per pass);
-    ``work`` is the dtype whose bit patterns ``keys`` returns ("F32" or a
-    16-bit code). ``ranges`` may be a function of the per-selector counts of
-    zero magnitudes (known after the first pass; SCE's k depends on it).
-    ``l1`` also fills ``l1_full``/``l1_kept`` (sums of the magnitudes of all
-    and of the kept entries); ``visit(a, b, keeps)``, if given, sees every
-    chunk's keep masks in the last pass, right after ``keys(a, b)``.
-    """
-    chunk_iter = chunks if callable(chunks) else (lambda c=list(chunks): c)
-    wide = work == "F32"
-    nb = 1 << 15  # sign bit cleared: 15 bits (16-bit dtypes) or the high 15 of float32's 31
-    shift = 16 if wide else 0
 
-    # pass 1: (high) bit-pattern histograms and exact zero counts
+def _histograms(chunk_iter, keys: Keys, shift: int) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """Pass 1: per selector, the (high) bit-pattern histogram and the exact count of zeros."""
     hist: dict[int, np.ndarray] = {}
     zeros: dict[int, int] = {}
     for a, b in chunk_iter():
-        res = keys(a, b)
-        for j, bits in enumerate(res):
+        for j, bits in enumerate(keys(a, b)):
             if bits is None:
                 continue
             if j not in hist:
-                hist[j], zeros[j] = np.zeros(nb, np.int64), 0
-            hist[j] += np.bincount((bits >> shift).astype(np.int64), minlength=nb)
+                hist[j], zeros[j] = np.zeros(_NB, np.int64), 0
+            hist[j] += np.bincount((bits >> shift).astype(np.int64), minlength=_NB)
             zeros[j] += int(np.count_nonzero(bits == 0))
-    if callable(ranges):
-        ranges = ranges([zeros.get(j, 0) for j in range(max(hist, default=-1) + 1)])
-    sels: list[Selection | None] = [None if r is None else Selection(*r) for r in ranges]
-    active = [j for j, s in enumerate(sels) if s is not None and j in hist]
-    if not active:
-        return sels
-    # bucket (and count above it) of positions start and stop - 1
-    ends: dict[int, list[tuple[int, int]]] = {}
-    for j in active:
-        s = sels[j]
-        if s.empty:
-            continue
-        ends[j] = [hh.magnitude_threshold(hist[j], s.start + 1), hh.magnitude_threshold(hist[j], s.stop)]
-    if wide and ends:
-        # pass 2: low 16 bits inside the two buckets
-        low = {j: [np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int64)] for j in ends}
-        for a, b in chunk_iter():
-            res = keys(a, b)
-            for j in ends:
-                hi = res[j] >> 16
-                for e, (hb, _) in enumerate(ends[j]):
-                    sel_low = (res[j][hi == hb] & 0xFFFF).astype(np.int64)
-                    low[j][e] += np.bincount(sel_low, minlength=1 << 16)
-        for j in ends:
-            s = sels[j]
-            exact = []
-            for e, ((hb, above_hi), k) in enumerate(zip(ends[j], (s.start + 1, s.stop))):
-                lb, above_lo = hh.magnitude_threshold(low[j][e], k - above_hi)
-                exact.append(((hb << 16) | lb, above_hi + above_lo))
-            ends[j] = exact
-    tie_bits: dict[int, tuple[int, int]] = {}
-    for j, ((tb, tbefore), (bb, bbefore)) in ends.items():
-        s = sels[j]
-        s.top, s.top_before = hh.bits_to_value(int(tb), work), tbefore
-        s.bottom, s.bottom_before = hh.bits_to_value(int(bb), work), bbefore
-        tie_bits[j] = (int(tb), int(bb))
+    return hist, zeros
 
-    # last pass: per-chunk tie counts (and L1 norms)
+
+def _refine_low_bits(chunk_iter, keys: Keys, sels: list, ends: dict[int, list[tuple[int, int]]]) -> None:
+    """Pass 2 (float32 only): the low 16 bits inside the two buckets make ``ends`` exact (in place)."""
+    low = {j: [np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int64)] for j in ends}
+    for a, b in chunk_iter():
+        res = keys(a, b)
+        for j in ends:
+            hi = res[j] >> 16
+            for e, (hb, _) in enumerate(ends[j]):
+                sel_low = (res[j][hi == hb] & 0xFFFF).astype(np.int64)
+                low[j][e] += np.bincount(sel_low, minlength=1 << 16)
+    for j in ends:
+        s = sels[j]
+        exact = []
+        for e, ((hb, above_hi), k) in enumerate(zip(ends[j], (s.start + 1, s.stop))):
+            lb, above_lo = hh.magnitude_threshold(low[j][e], k - above_hi)
+            exact.append(((hb << 16) | lb, above_hi + above_lo))
+        ends[j] = exact
+
+
+def _last_pass(chunk_iter, keys: Keys, sels: list, active: list[int], tie_bits: dict[int, tuple[int, int]],
+               work: str, l1: bool, visit) -> None:
+    """Per-chunk tie counts (and keep masks for ``l1`` norms and ``visit``)."""
     full: dict[int, list[float]] = {j: [] for j in active}
     kept: dict[int, list[float]] = {j: [] for j in active}
     cursors = {j: sels[j].quotas() for j in active}
@@ -187,4 +153,46 @@ def select_ranges(
         for j in active:
             sels[j].l1_full = blocks.total(full[j])
             sels[j].l1_kept = blocks.total(kept[j])
+
+
+def select_ranges(
+    chunks: Iterable[tuple[int, int]] | Callable[[], Iterable[tuple[int, int]]],
+    keys: Keys,
+    ranges: Sequence[tuple[int, int] | None] | Callable[[list[int]], Sequence[tuple[int, int] | None]],
+    work: str,
+    *,
+    l1: bool = False,
+    visit: Callable[[int, int, list["np.ndarray | None"]], None] | None = None,
+) -> list[Selection | None]:
+    """One :class:`Selection` per range (``None`` where the range is ``None``).
+
+    ``chunks()`` yields the ``[a, b)`` ranges in order (called once per pass);
+    ``work`` is the dtype whose bit patterns ``keys`` returns ("F32" or a
+    16-bit code). ``ranges`` may be a function of the per-selector counts of
+    zero magnitudes (known after the first pass; SCE's k depends on it).
+    ``l1`` also fills ``l1_full``/``l1_kept`` (sums of the magnitudes of all
+    and of the kept entries); ``visit(a, b, keeps)``, if given, sees every
+    chunk's keep masks in the last pass, right after ``keys(a, b)``.
+    """
+    chunk_iter = chunks if callable(chunks) else (lambda c=list(chunks): c)
+    wide = work == "F32"
+    hist, zeros = _histograms(chunk_iter, keys, 16 if wide else 0)
+    if callable(ranges):
+        ranges = ranges([zeros.get(j, 0) for j in range(max(hist, default=-1) + 1)])
+    sels: list[Selection | None] = [None if r is None else Selection(*r) for r in ranges]
+    active = [j for j, s in enumerate(sels) if s is not None and j in hist]
+    if not active:
+        return sels
+    # bucket (and count above it) of positions start and stop - 1
+    ends = {j: [hh.magnitude_threshold(hist[j], sels[j].start + 1), hh.magnitude_threshold(hist[j], sels[j].stop)]
+            for j in active if not sels[j].empty}
+    if wide and ends:
+        _refine_low_bits(chunk_iter, keys, sels, ends)
+    tie_bits: dict[int, tuple[int, int]] = {}
+    for j, ((tb, tbefore), (bb, bbefore)) in ends.items():
+        s = sels[j]
+        s.top, s.top_before = hh.bits_to_value(int(tb), work), tbefore
+        s.bottom, s.bottom_before = hh.bits_to_value(int(bb), work), bbefore
+        tie_bits[j] = (int(tb), int(bb))
+    _last_pass(chunk_iter, keys, sels, active, tie_bits, work, l1, visit)
     return sels

@@ -231,6 +231,98 @@ class EmbeddingAlignment:
         return row
 
 
+def _permutations(out: OutputTokenizer, models: Sequence[ModelTokenizer]) -> list[np.ndarray]:
+    """Per model: int64 [T], the model's id of each output token, -1 when absent or beyond its rows."""
+    perms = []
+    for mt in models:
+        limit = mt.config_vocab_size if mt.config_vocab_size is not None else len(mt.vocab)
+        get = mt.vocab.get
+        p = np.fromiter((get(t, -1) for t in out.tokens), dtype=np.int64, count=len(out.tokens))
+        p[p >= limit] = -1
+        perms.append(_ro(p))
+    return perms
+
+
+@dataclass
+class _Defaults:
+    """How each output token's default vector is made (mutable while overrides are applied)."""
+
+    kind: np.ndarray  # int8 [T]: _K_NONE, _K_ROW, _K_ZERO, _K_MEAN
+    src_m: np.ndarray  # int64 [T]: the model of a _K_ROW default
+    src_r: np.ndarray  # int64 [T]: its row
+    missing: np.ndarray  # bool [T]: some model lacks the token
+    forced: np.ndarray  # bool [T]
+
+
+def _defaults(perms: Sequence[np.ndarray], T: int, base_index: int | None) -> _Defaults:
+    """One owner: its row; none: zeros; several and the base has it: the base's row; else the mean."""
+    present = np.stack(perms) >= 0 if perms else np.zeros((0, T), bool)
+    n_present = present.sum(axis=0) if perms else np.zeros(T, np.int64)
+    d = _Defaults(np.full(T, _K_NONE, np.int8), np.full(T, -1, np.int64), np.full(T, -1, np.int64),
+                  n_present < len(perms), np.zeros(T, bool))
+    one = d.missing & (n_present == 1)
+    d.kind[one] = _K_ROW
+    d.src_m[one] = np.argmax(present[:, one], axis=0) if one.any() else d.src_m[one]
+    d.src_r[one] = [perms[j][o] for j, o in zip(d.src_m[one], np.nonzero(one)[0])]
+    d.kind[d.missing & (n_present == 0)] = _K_ZERO
+    many = d.missing & (n_present >= 2)
+    if base_index is not None:
+        from_base = many & present[base_index]
+        d.kind[from_base] = _K_ROW
+        d.src_m[from_base] = base_index
+        d.src_r[from_base] = perms[base_index][from_base]
+        many &= ~from_base
+    d.kind[many] = _K_MEAN
+    return d
+
+
+def _override_row(tok: str, ov: TokenOverride, j: int, mt: ModelTokenizer, perm: np.ndarray, o: int,
+                  is_base: bool) -> int:
+    """The row of model ``mt`` (position ``j``) that token ``tok``'s configured vector comes from."""
+    if ov.kind == "model":
+        row = int(perm[o])
+        if row < 0:
+            raise TokenizerError(f"tokenizer.tokens.{tok}: token {tok!r} not found in model {ov.model!r}")
+        return row
+    if ov.kind != "model_token":
+        raise TokenizerError(f"tokenizer.tokens.{tok}: unknown source kind {ov.kind!r}")
+    if ov.token_id is not None:
+        row = int(ov.token_id)
+    else:
+        row = mt.vocab.get(ov.token, -1)  # type: ignore[arg-type]
+        if is_base and mt.config_vocab_size is not None and row >= mt.config_vocab_size:
+            row = -1  # the base's vocabulary is the stripped one
+        if row < 0:
+            raise TokenizerError(f"tokenizer.tokens.{tok}: token {ov.token!r} not found in model {ov.model!r}")
+    if row < 0 or (mt.config_vocab_size is not None and row >= mt.config_vocab_size):
+        raise TokenizerError(f"tokenizer.tokens.{tok}: token id {row} out of range for model {ov.model!r}")
+    return row
+
+
+def _apply_overrides(d: _Defaults, out: OutputTokenizer, models: Sequence[ModelTokenizer], model_keys: Sequence[str],
+                     perms: Sequence[np.ndarray], base_index: int | None, overrides: Mapping[str, TokenOverride]) -> None:
+    index = {k: i for i, k in enumerate(model_keys)}
+    vocab_ids = out.vocab
+    for tok, ov in overrides.items():
+        o = vocab_ids.get(tok)
+        if o is None:
+            raise TokenizerError(f"tokenizer.tokens: {tok!r} is not in the output vocabulary")
+        d.forced[o] = ov.force
+        if not (ov.force or d.missing[o]):
+            d.kind[o] = _K_NONE
+            continue
+        if ov.kind == "zero":
+            d.kind[o], d.src_m[o], d.src_r[o] = _K_ZERO, -1, -1
+            continue
+        j = index.get(ov.model)  # type: ignore[arg-type]
+        if j is None:
+            raise TokenizerError(
+                f"tokenizer.tokens.{tok}: needs a row from model {ov.model!r}, which is not among this tensor's models"
+            )
+        row = _override_row(tok, ov, j, models[j], perms[j], o, j == base_index)
+        d.kind[o], d.src_m[o], d.src_r[o] = _K_ROW, j, row
+
+
 def align_embeddings(
     out: OutputTokenizer,
     models: Sequence[ModelTokenizer],
@@ -255,83 +347,18 @@ def align_embeddings(
         raise ValueError("models and model_keys must have the same length")
     if base_index is not None and not (0 <= base_index < len(models)):
         raise ValueError(f"base_index {base_index} out of range")
-    toks = out.tokens
-    T = len(toks)
-    perms = []
-    for mt in models:
-        limit = mt.config_vocab_size if mt.config_vocab_size is not None else len(mt.vocab)
-        get = mt.vocab.get
-        p = np.fromiter((get(t, -1) for t in toks), dtype=np.int64, count=T)
-        p[p >= limit] = -1
-        perms.append(_ro(p))
-    present = np.stack(perms) >= 0 if perms else np.zeros((0, T), bool)
-    n_present = present.sum(axis=0) if perms else np.zeros(T, np.int64)
-    forced = np.zeros(T, bool)
-    kind = np.full(T, _K_NONE, np.int8)
-    src_m = np.full(T, -1, np.int64)
-    src_r = np.full(T, -1, np.int64)
-    missing = n_present < len(models)
-
-    one = missing & (n_present == 1)
-    kind[one] = _K_ROW
-    src_m[one] = np.argmax(present[:, one], axis=0) if one.any() else src_m[one]
-    src_r[one] = [perms[j][o] for j, o in zip(src_m[one], np.nonzero(one)[0])]
-    kind[missing & (n_present == 0)] = _K_ZERO
-    many = missing & (n_present >= 2)
-    if base_index is not None:
-        from_base = many & present[base_index]
-        kind[from_base] = _K_ROW
-        src_m[from_base] = base_index
-        src_r[from_base] = perms[base_index][from_base]
-        many &= ~from_base
-    kind[many] = _K_MEAN
-
-    index = {k: i for i, k in enumerate(model_keys)}
-    vocab_ids = out.vocab
-    for tok, ov in overrides.items():
-        o = vocab_ids.get(tok)
-        if o is None:
-            raise TokenizerError(f"tokenizer.tokens: {tok!r} is not in the output vocabulary")
-        forced[o] = ov.force
-        if not (ov.force or missing[o]):
-            kind[o] = _K_NONE
-            continue
-        if ov.kind == "zero":
-            kind[o], src_m[o], src_r[o] = _K_ZERO, -1, -1
-            continue
-        j = index.get(ov.model)  # type: ignore[arg-type]
-        if j is None:
-            raise TokenizerError(
-                f"tokenizer.tokens.{tok}: needs a row from model {ov.model!r}, which is not among this tensor's models"
-            )
-        mt = models[j]
-        if ov.kind == "model":
-            row = int(perms[j][o])
-            if row < 0:
-                raise TokenizerError(f"tokenizer.tokens.{tok}: token {tok!r} not found in model {ov.model!r}")
-        elif ov.kind == "model_token":
-            if ov.token_id is not None:
-                row = int(ov.token_id)
-            else:
-                row = mt.vocab.get(ov.token, -1)  # type: ignore[arg-type]
-                if j == base_index and mt.config_vocab_size is not None and row >= mt.config_vocab_size:
-                    row = -1  # the base's vocabulary is the stripped one
-                if row < 0:
-                    raise TokenizerError(f"tokenizer.tokens.{tok}: token {ov.token!r} not found in model {ov.model!r}")
-            if row < 0 or (mt.config_vocab_size is not None and row >= mt.config_vocab_size):
-                raise TokenizerError(f"tokenizer.tokens.{tok}: token id {row} out of range for model {ov.model!r}")
-        else:
-            raise TokenizerError(f"tokenizer.tokens.{tok}: unknown source kind {ov.kind!r}")
-        kind[o], src_m[o], src_r[o] = _K_ROW, j, row
+    perms = _permutations(out, models)
+    d = _defaults(perms, len(out.tokens), base_index)
+    _apply_overrides(d, out, models, model_keys, perms, base_index, overrides)
     return EmbeddingAlignment(
         rows=out.padded_vocab_size,
-        num_tokens=T,
+        num_tokens=len(out.tokens),
         model_keys=tuple(model_keys),
         base_index=base_index,
         torch_threads=int(torch_threads),
         _perm=tuple(perms),
-        _forced=_ro(forced),
-        _kind=_ro(kind),
-        _src_model=_ro(src_m),
-        _src_row=_ro(src_r),
+        _forced=_ro(d.forced),
+        _kind=_ro(d.kind),
+        _src_model=_ro(d.src_m),
+        _src_row=_ro(d.src_r),
     )
