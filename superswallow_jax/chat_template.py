@@ -4,8 +4,10 @@
   ``tokenizer_config.json`` (ties: the first in config order, base first);
   none found means no template is set.
 * A built-in name (``alpaca``, ``chatml``, ``exaone``, ``llama3``,
-  ``mistral``): mergekit ships these files; we do not, so this is an error
-  that asks for the template text instead.
+  ``mistral``), as mergekit accepts them: the template of that well-known
+  format, from ``superswallow_jax/chat_templates/<name>.jinja`` (written
+  here from each format's public description, so its text is not mergekit's
+  file byte for byte).
 * Anything else is the template itself; like mergekit we require at least 20
   characters and a ``{`` so that a typo of a name is not taken as a template.
 """
@@ -14,10 +16,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, short
 
 BUILTIN = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 
@@ -39,10 +42,7 @@ def resolve_chat_template(value: str | None, model_dirs: Sequence[Path]) -> str 
         found = [t for t in (_model_template(d) for d in model_dirs) if t is not None]
         return Counter(found).most_common(1)[0][0] if found else None
     if value in BUILTIN:
-        raise ConfigError(
-            f"chat_template: the built-in template {value!r} is not bundled with superswallow_jax; "
-            "put the Jinja template text in the config instead"
-        )
+        return resources.files(__package__).joinpath("chat_templates", f"{value}.jinja").read_text(encoding="utf-8")
     if len(value) < 20 or "{" not in value:
-        raise ConfigError(f"chat_template: {value!r} is neither 'auto', a built-in name nor a Jinja template")
+        raise ConfigError(f"chat_template: {short(value)} is neither 'auto', a built-in name nor a Jinja template")
     return value

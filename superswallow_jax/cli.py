@@ -11,6 +11,7 @@ import gc
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +21,23 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,  # plain help: flags as --fsync / --no-fsync, no type column
     help="Memory-mapped, streaming LLM weight merger in JAX (mergekit YAML configs).",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from superswallow_jax import __version__
+
+        typer.echo(f"superswallow_jax {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Memory-mapped, streaming LLM weight merger in JAX (mergekit YAML configs)."""
 
 
 def _fail(err: Exception) -> None:
@@ -57,6 +73,14 @@ def _streaming_setup() -> None:
     _imports_done()
     tune_malloc()
     enable_persistent_cache()
+
+
+def _size(n: float) -> str:
+    """Bytes in the units the progress bar uses (kB, MB, GB: powers of 1000)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _dtype_code(name: Optional[str]) -> Optional[str]:
@@ -103,6 +127,7 @@ def merge(
     from superswallow_jax.merge import run_merge
     from superswallow_jax.options import MergeOptions
 
+    t0 = time.perf_counter()
     try:
         if coordinator is not None and (num_processes is None or process_id is None):
             raise ConfigError("--coordinator needs --num-processes and --process-id")
@@ -110,8 +135,6 @@ def merge(
         procs = init_distributed(coordinator, num_processes, process_id, distributed)
         quiet = quiet or not procs.is_main
         cfg = load_config(config)
-        for w in cfg.warnings:
-            typer.echo(f"warning: {w}", err=True)
         opts = MergeOptions(
             seed=seed, shard_size=parse_size(shard_size), out_dtype=_dtype_code(out_dtype), force=force,
             chunk_elems=chunk_elems, pass_cache_bytes=None if pass_cache_mb is None else pass_cache_mb * (1 << 20),
@@ -121,6 +144,8 @@ def merge(
         bar = {}
 
         def on_plan(plan):
+            for w in plan.warnings:
+                typer.echo(f"warning: {w}", err=True)
             if quiet:
                 return
             from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -131,7 +156,7 @@ def merge(
                 TransferSpeedColumn(), TimeRemainingColumn(), transient=False,
             )
             progress_ctx.start()
-            bar["task"] = progress_ctx.add_task(f"merging {len(plan.steps)} tensors", total=plan.total_input_bytes)
+            bar["task"] = progress_ctx.add_task(f"writing {len(plan.steps)} tensors", total=plan.total_output_bytes)
 
         def on_progress(n):
             if progress_ctx is not None:
@@ -143,7 +168,10 @@ def merge(
         finally:
             if progress_ctx is not None:
                 progress_ctx.stop()
-        typer.echo(f"wrote {res.tensors} tensors ({res.bytes_written / 1e6:.1f} MB) to {res.out_dir}")
+        took = time.perf_counter() - t0
+        kept = f", {res.kept} kept from the interrupted run" if res.kept else ""
+        typer.echo(f"wrote {res.tensors} tensors ({_size(res.bytes_written)}{kept}) to {res.out_dir} in "
+                   f"{took:.1f} s ({_size(res.bytes_written / max(took, 1e-9))}/s)")
     except (SuperswallowError, OSError) as e:
         _fail(e)
 
@@ -152,39 +180,24 @@ def merge(
 def plan(
     config: Path = typer.Argument(..., help="mergekit YAML config"),
     as_json: bool = typer.Option(False, "--json", help="print the full plan as JSON"),
+    tensors: bool = typer.Option(False, "--tensors", help="also list every output tensor with its sources and parameters"),
     shard_size: str = typer.Option("5B", help="max bytes per output shard"),
 ) -> None:
     """Explain what a merge would do, without reading tensor data or writing anything."""
     from superswallow_jax.config import load_config
     from superswallow_jax.errors import SuperswallowError
+    from superswallow_jax.explain import plan_text
     from superswallow_jax.io.writer import parse_size
     from superswallow_jax.merge import dumps_plan
-    from superswallow_jax.plan import build_plan, describe_params
+    from superswallow_jax.plan import build_plan
 
     _imports_done()
 
     try:
-        p = build_plan(load_config(config), shard_size=parse_size(shard_size))
+        with build_plan(load_config(config), shard_size=parse_size(shard_size)) as p:
+            typer.echo(dumps_plan(p) if as_json else "\n".join(plan_text(p, tensors)))
     except (SuperswallowError, OSError) as e:
         _fail(e)
-        return
-    if as_json:
-        typer.echo(dumps_plan(p))
-        return
-    base = p.models[p.base_model].key if p.base_model is not None else "none"
-    typer.echo(f"method: {p.method.name}   architecture: {p.arch.name}   base: {base}")
-    for i, m in enumerate(p.models):
-        typer.echo(f"model[{i}]: {m.key} -> {m.dir}")
-    if p.tokenizer is not None:
-        typer.echo(f"tokenizer: {p.config.tokenizer.source}, output vocab {len(p.tokenizer.tokens)} (padded {p.tokenizer.padded_vocab_size})")
-    typer.echo(f"{len(p.steps)} tensors, {p.total_input_bytes / 1e6:.1f} MB in, {p.total_output_bytes / 1e6:.1f} MB out, {len(p.shards)} shard(s)")
-    for s in p.steps:
-        g = describe_params(s.params)
-        typer.echo(f"{s.name} {list(s.shape)} {s.out_dtype} t={s.t:.4f}{' embed' if s.embed else ''}{'  ' + g if g else ''}")
-        for i, src in enumerate(s.sources):
-            role = "base " if i == s.base else ""
-            pm = describe_params(src.params)
-            typer.echo(f"    <- {role}{p.models[src.model].key}:{src.tensor.name}  {pm}".rstrip())
 
 
 @app.command()

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from .dtypes import config_code
-from .errors import ConfigError
+from .errors import ConfigError, short
 from .registry import ALL_PARAMS, METHODS, MethodSpec, get_method
 from .params import Setting, parse_setting
 
@@ -107,7 +107,7 @@ def _model_ref(raw: object, where: str) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise ConfigError(f"{where}: model reference must be a non-empty string")
     if "+" in raw:
-        raise ConfigError(f"{where}: LoRA model references ({raw!r}) are not supported")
+        raise ConfigError(f"{where}: LoRA model references ({short(raw)}) are not supported")
     return raw.strip()
 
 
@@ -212,7 +212,7 @@ def _tokenizer(data: Mapping[str, Any], file: str) -> TokenizerSpec | None:
                     raise ConfigError(f"{w}.source: model_token needs model and token_id or token")
                 src = {**src, "model": _model_ref(src["model"], f"{w}.source.model")}
             else:
-                raise ConfigError(f"{w}.source.kind: expected zero or model_token, got {kind!r}")
+                raise ConfigError(f"{w}.source.kind: expected zero or model_token, got {short(kind)}")
         else:
             src = _model_ref(src, f"{w}.source")
         force = spec.get("force", False)
@@ -259,6 +259,72 @@ def _single_module(data: Mapping[str, Any], file: str, method: MethodSpec, warn:
 #: Largest normalized config accepted (it goes into the manifest): a config
 #: beyond it is refused, naming its largest top-level key.
 MAX_NORMALIZED_BYTES = 1 << 20
+#: Largest config file read, and most values it may hold once YAML aliases are
+#: expanded (a 1 KB alias bomb otherwise expands to gigabytes).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 200_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key repeated in one mapping (the last would win silently)."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: {short(key)}: key given twice "
+                                  f"(first at line {seen[key] + 1})")
+            seen[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: SafeLoader reports it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """Values in ``data`` with every alias expanded, counting up to ``limit`` (iterative, bounded)."""
+    n, stack = 0, [data]
+    while stack:
+        x = stack.pop()
+        n += 1
+        if n > limit:
+            return n
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return n
+
+
+def _load_yaml(text: str, file: str) -> Any:
+    """One YAML document, strictly: no repeated keys, bounded depth and alias expansion."""
+    try:
+        docs = list(yaml.load_all(text, Loader=_StrictLoader))
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{file}: invalid YAML{loc}") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: the YAML is nested too deeply") from None
+    docs = [d for d in docs if d is not None]
+    if len(docs) > 1:
+        raise ConfigError(f"{file}: {len(docs)} YAML documents: a multi-stage (mergekit-multi) recipe; multi-stage "
+                          "merges are not supported yet, merge each stage with its own config")
+    data = docs[0] if docs else None
+    if _count_values(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{file}: the config holds more than {MAX_CONFIG_VALUES:,} values once its YAML aliases "
+                          "are expanded")
+    return data
 
 
 def _normalized(data: Mapping[str, Any], file: str) -> str:
@@ -278,12 +344,7 @@ def parse_config(text: str, path: Path | None = None) -> MergeConfig:
     """Parse and validate YAML text. ``path`` is only used in error messages."""
     warn: list[str] = []
     file = str(path) if path else "<config>"
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        loc = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{file}: invalid YAML{loc}") from None
+    data = _load_yaml(text, file)
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: top level must be a mapping")
     normalized = _normalized(data, file)
@@ -358,9 +419,14 @@ def load_config(path: Path) -> MergeConfig:
     """Read and validate a config file."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, larger than the {MAX_CONFIG_BYTES:,}-byte "
+                              "limit for a config")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, expected a YAML config file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config ({type(e).__name__})") from None
     return parse_config(text, path)

@@ -40,3 +40,12 @@ class VerifyError(SuperswallowError):
     """A verification found a mismatch."""
 
     exit_code = 1
+
+
+def short(value: object, n: int = 80) -> str:
+    """``repr(value)`` cut to about ``n`` characters, for error messages that name a user's value
+    (a 100 MB value must not become a 100 MB line)."""
+    if isinstance(value, str) and len(value) > 4 * n:
+        value = value[: 4 * n]  # repr of a huge string would itself be huge
+    r = repr(value)
+    return r if len(r) <= n else f"{r[: n - 3]}..."

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import programs
 from .devices import Placement
+from .dtypes import NP
 from .passcache import PassCache, default_pass_cache_bytes
 from .plan import Plan, Step
 from .stream import InputFetcher, StepContext, bucket_for, chunk_size, default_chunk_elems
@@ -102,11 +103,11 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
             ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch, placement,
                               PassCache(budget))
             program = programs.prepare(ctx)
-            in_bytes = sum(s.tensor.np_dtype.itemsize for s in step.sources)
+            out_bytes = NP[step.out_dtype].itemsize
             for a, b in ctx.chunks():
                 writer.put((ctx, a, b, program(ctx.final_inputs(a, b), a, b)))
                 if progress is not None:
-                    progress(in_bytes * (b - a))
+                    progress(out_bytes * (b - a))
             yield step
     finally:
         writer.close()

@@ -34,6 +34,7 @@ def _json(obj: object) -> bytes:
 
 
 def _read(path: Path) -> bytes:
+    md.check_inside(path, path.parent)
     try:
         size = path.stat().st_size
         if size > MAX_COPIED_BYTES:

@@ -40,7 +40,7 @@ def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions
               say: Callable[[str], None] | None = None) -> MergeResult:
     """Merge ``cfg`` into ``out_dir``. Raises SuperswallowError on user errors.
 
-    ``progress(n)``: input bytes consumed; ``on_plan(plan)``: once planned;
+    ``progress(n)``: output bytes produced (a resumed run's kept tensors count at once); ``on_plan(plan)``: once planned;
     ``order``: step indices in the order to run (tests); ``say(line)``: notes
     (resume, removed staging). With several processes (``procs``) the shards
     are divided among them by bytes and process 0 commits.
@@ -65,6 +65,8 @@ def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions
 def _write_tensors(plan: Plan, output: Output, opts: MergeOptions, progress, order):
     """Stream this process's tensors into the staging shards; digests gathered from every process."""
     writer, journal, kept = output.writer()
+    if progress is not None and kept:
+        progress(sum(plan.step(n).nbytes for n in kept))
     try:
         mine = {n for lay in output.mine for n in lay.offsets}
         specs = {s.name: (s.out_dtype, s.shape) for s in plan.steps if s.name in mine and s.name not in kept}

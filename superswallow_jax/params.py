@@ -79,9 +79,20 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def numeric_string(x: object) -> float | None:
+    """The finite float a string such as ``"0.5"`` spells, else None (mergekit's pydantic coerces them)."""
+    if not isinstance(x, str) or len(x) > 64:
+        return None
+    try:
+        v = float(x)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
 def parse_value(raw: object, where: str) -> Value:
     """Parse a scalar or gradient. ``where`` names the config key for errors."""
-    from .errors import ConfigError
+    from .errors import ConfigError, short
 
     if isinstance(raw, bool) or isinstance(raw, str):
         return raw
@@ -90,21 +101,21 @@ def parse_value(raw: object, where: str) -> Value:
     if isinstance(raw, list):
         if not raw:
             raise ConfigError(f"{where}: empty list")
-        if all(_is_number(x) for x in raw):
+        if all(_is_number(x) or numeric_string(x) is not None for x in raw):
             return Gradient(tuple(float(x) for x in raw))
-        raise ConfigError(f"{where}: a gradient must be a list of numbers, got {raw!r}")
+        raise ConfigError(f"{where}: a gradient must be a list of numbers, got {short(raw)}")
     raise ConfigError(f"{where}: expected a number, bool, string or list of numbers, got {type(raw).__name__}")
 
 
 def parse_setting(raw: object, where: str) -> Setting:
     """Parse any of the setting forms into a :class:`Setting`."""
-    from .errors import ConfigError
+    from .errors import ConfigError, short
 
     def cond(item: object, w: str) -> Conditional:
         if isinstance(item, dict):
             unknown = set(item) - {"filter", "value"}
             if unknown:
-                raise ConfigError(f"{w}: unknown key {sorted(unknown)[0]!r} (expected filter, value)")
+                raise ConfigError(f"{w}: unknown key {short(sorted(map(str, unknown))[0])} (expected filter, value)")
             if "value" not in item:
                 raise ConfigError(f"{w}: conditional without 'value'")
             f = item.get("filter")

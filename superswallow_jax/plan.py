@@ -29,13 +29,13 @@ from .architecture import Architecture, WeightTemplate, resolve_architecture
 from .chat_template import resolve_chat_template
 from .config import MergeConfig, SliceSpec, SourceSpec
 from .dtypes import BY_CODE, FLOAT_CODES
-from .errors import ConfigError, PlanError
+from .errors import ConfigError, PlanError, short
 from .io.model_dir import read_model_config, resolve_model_dir
 from .io.checkpoint import Checkpoint
 from .io.reader import TensorInfo
 from .io.writer import TensorSpec, assign_shards
 from .registry import MethodSpec
-from .params import Setting
+from .params import Setting, numeric_string
 
 if TYPE_CHECKING:  # types only: importing the tokenizer costs start-up time
     from .tokenizer import EmbeddingAlignment, OutputTokenizer
@@ -110,6 +110,7 @@ class Plan:
     out_config: Mapping[str, Any]
     tokenizer: OutputTokenizer | None = None
     chat_template: str | None = None  # resolved template text to write, or None
+    warnings: tuple[str, ...] = ()  # the config's own (ignored keys) and the plan's (filters that match nothing)
 
     def close(self) -> None:
         """Close every model's open weight files."""
@@ -142,6 +143,8 @@ class Plan:
 
 
 def _coerce(value: Any, typ: type, where: str) -> Any:
+    if typ in (float, int) and numeric_string(value) is not None:
+        value = numeric_string(value)  # "0.5": a number in quotes, as mergekit accepts it
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -153,7 +156,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
     elif typ is int:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
             return int(value)
-    raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {short(value)}")
 
 
 def _eval_levels(levels: Sequence[tuple[Mapping[str, Setting], str]], pname: str, name: str, t: float):
@@ -186,6 +189,7 @@ def _resolve_model_params(
                 raise ConfigError(f"missing required parameter {pname!r} for model {label} at tensor {in_name}")
             v, where = p.default, "default"
         out[pname] = v if v is None else _coerce(v, p.type, f"{where} (model {label}, tensor {in_name})")
+        p.check(out[pname], f"{where} (model {label}, tensor {in_name})")
     return out
 
 
@@ -199,6 +203,7 @@ def _resolve_global_params(method: MethodSpec, sl: SliceSpec | None, cfg: MergeC
                 raise ConfigError(f"missing required parameter {pname!r} at tensor {out_name}")
             v, where = p.default, "default"
         out[pname] = _coerce(v, p.type, f"{where} (tensor {out_name})")
+        p.check(out[pname], f"{where} (tensor {out_name})")
     return out
 
 
@@ -354,7 +359,8 @@ def _tokens(cfg: MergeConfig, models: Sequence[ModelInput], base_model: int | No
         mtoks[i] = tok_mod.load_model_tokenizer(models[i].dir, vs if isinstance(vs, int) else None)
     source = cfg.tokenizer.source
     if source not in ("base", "union") and source not in index:
-        raise ConfigError(f"tokenizer source: {source!r} is not one of the merged models")
+        raise ConfigError(f"tokenizer source: {short(source)} is not base, union or one of the merged models "
+                          f"({', '.join(m.key for m in models)})")
     overrides = tok_mod.overrides_from_config(cfg.tokenizer.tokens, [m.key for m in models])
     output = tok_mod.build_output_tokenizer(
         source, mtoks[order[0]], [mtoks[i] for i in order[1:]], [models[i].key for i in order], overrides,
@@ -410,7 +416,8 @@ class _Planner:
             return (self.tokens.output.padded_vocab_size, *hidden.pop())
         shapes = {info.shape for _, _, info in srcs}
         if len(shapes) != 1:
-            hint = " (set tokenizer_source to align vocabularies)" if w.is_embed else ""
+            vocab_only = len({info.shape[1:] for _, _, info in srcs}) == 1
+            hint = " (set tokenizer_source to align vocabularies)" if w.is_embed and vocab_only else ""
             raise PlanError(f"tensor {out_name}: shape mismatch between models ({detail()}){hint}")
         return tuple(shapes.pop())
 
@@ -435,9 +442,8 @@ class _Planner:
         )
         gparams = _resolve_global_params(method, sl.slice, cfg, out_name, t)
         if method.validate is not None:
-            for i, src in enumerate(sources):
-                if i != base_pos:
-                    method.validate({**gparams, **src.params}, f"tensor {out_name}, model {models[src.model].key}")
+            method.validate(gparams, [(models[src.model].key, {**gparams, **src.params}, i == base_pos)
+                                      for i, src in enumerate(sources)], out_name)
         alignment = None
         if embed:  # one alignment per tensor, over the models that have it, in source order
             from .tokenizer import align_embeddings
@@ -502,7 +508,32 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
     donor = models[base_model if base_model is not None else 0]
     out_cfg = _out_config(cfg, donor, arch, forced_out or cfg.dtype, layers, tokens.output)
     chat = resolve_chat_template(cfg.chat_template, [m.dir for m in models])
-    return Plan(cfg, cfg.method, models, base_model, arch, tuple(steps), shards, out_cfg, tokens.output, chat)
+    warnings = (*cfg.warnings, *_unmatched_filters(cfg, steps))
+    return Plan(cfg, cfg.method, models, base_model, arch, tuple(steps), shards, out_cfg, tokens.output, chat, warnings)
+
+
+def _settings(cfg: MergeConfig):
+    """(where, parameter name, Setting) of every parameter the config sets."""
+    levels = [("parameters", cfg.parameters)]
+    levels += [(f"{s.where}.parameters", s.parameters) for s in cfg.models or ()]
+    for sl in cfg.slices or ():
+        levels.append((f"{sl.where}.parameters", sl.parameters))
+        levels += [(f"{s.where}.parameters", s.parameters) for s in sl.sources]
+    for where, params in levels:
+        for pname, setting in params.items():
+            yield where.split(": ", 1)[-1], pname, setting
+
+
+def _unmatched_filters(cfg: MergeConfig, steps: Sequence[Step]) -> list[str]:
+    """A warning per ``filter`` that no tensor name contains (a typo would otherwise pass unnoticed)."""
+    names = {s.name for s in steps} | {src.tensor.name for s in steps for src in s.sources}
+    out = []
+    for where, pname, setting in _settings(cfg):
+        for rule in setting.rules:
+            f = rule.filter
+            if f is not None and f != "*" and not any(f in n for n in names):
+                out.append(f"{where}.{pname}: filter {short(f)} matches no tensor of these models")
+    return out
 
 
 def describe_params(p: Mapping[str, Any]) -> str:

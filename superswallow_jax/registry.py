@@ -23,12 +23,25 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter: its type (float, int or bool), default, and a description."""
+    """A method parameter: its type (float, int or bool), default, description, and
+    the closed interval ``range`` its values must lie in (``None`` ends: unbounded)."""
 
     name: str
     type: type
     default: object = REQUIRED
     doc: str = ""
+    range: tuple[float | None, float | None] | None = None
+
+    def check(self, value: object, where: str) -> None:
+        """ConfigError naming ``where`` when a resolved value lies outside :attr:`range`."""
+        if self.range is None or value is None or isinstance(value, bool):
+            return
+        lo, hi = self.range
+        if (lo is not None and value < lo) or (hi is not None and value > hi) or value != value:
+            from .errors import ConfigError
+
+            span = f"[{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]"
+            raise ConfigError(f"{where}: {self.name} = {value:g} is outside {span}")
 
     @property
     def required(self) -> bool:
@@ -56,9 +69,10 @@ class Inputs:
     optional: str = "error"
 
 
-#: ``validate(params, where)``: a model's resolved parameters (per-model and
-#: global together) at one tensor; raises ConfigError naming ``where``.
-Validator = Callable[[Mapping[str, Any], str], None]
+#: ``validate(params, sources, tensor)``: one tensor's resolved global
+#: parameters and, per input model, ``(model reference, its parameters with the
+#: global ones under them, is the base)``; raises ConfigError naming the tensor.
+Validator = Callable[[Mapping[str, Any], "list[tuple[str, Mapping[str, Any], bool]]", str], None]
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,7 @@ class MethodSpec:
     ``needs_base_tensor`` (every output tensor needs the base model's);
     ``one_source_per_slice``; ``card_names_base`` (the model card says
     "using <base> as a base"); ``validate`` (run for every non-base model at
-    every tensor once its parameters are resolved).
+    tensor once its parameters are resolved, with every model's).
     """
 
     name: str
@@ -104,12 +118,31 @@ class MethodSpec:
         return {**self.per_model, **self.global_}
 
 
-def _della_ranges(params: Mapping[str, Any], where: str) -> None:
+def _della_ranges(params: Mapping[str, Any], sources: list, tensor: str) -> None:
     from .errors import ConfigError
 
-    dens, eps = params.get("density", 1.0), params.get("epsilon", 0.15)
-    if 0 < dens < 1 and (dens + eps >= 1 or dens - eps <= 0):
-        raise ConfigError(f"{where}: della needs 0 < density -/+ epsilon < 1 (density={dens:g}, epsilon={eps:g})")
+    for key, p, is_base in sources:
+        dens, eps = p.get("density", 1.0), p.get("epsilon", 0.15)
+        if not is_base and 0 < dens < 1 and (dens + eps >= 1 or dens - eps <= 0):
+            raise ConfigError(f"tensor {tensor}, model {key}: della needs 0 < density -/+ epsilon < 1 "
+                              f"(density={dens:g}, epsilon={eps:g})")
+
+
+def _weights_sum(params: Mapping[str, Any], sources: list, tensor: str) -> None:
+    """linear with normalize divides by the float32 sum of the weights: a zero sum makes NaN and inf."""
+    import numpy as np
+
+    from .errors import ConfigError
+
+    if not params.get("normalize"):
+        return
+    total = np.float32(0)
+    for _, p, _ in sources:
+        total = np.float32(total + np.float32(p["weight"]))
+    if total == 0:
+        names = ", ".join(f"{key}: {p['weight']:g}" for key, p, _ in sources)
+        raise ConfigError(f"tensor {tensor}: the weights sum to 0 ({names}) and normalize divides by their sum; "
+                          "set normalize: false or change a weight")
 
 
 def _gta(name: str, doc: str, *, sparsify, consensus, normalize: bool, rescale: bool, pretty: str, ref: str,
@@ -120,7 +153,7 @@ def _gta(name: str, doc: str, *, sparsify, consensus, normalize: bool, rescale: 
         doc=doc,
         per_model={
             "weight": Param("weight", float, REQUIRED, "scale of this model's task vector"),
-            "density": Param("density", float, 1.0, "fraction of the task vector kept"),
+            "density": Param("density", float, 1.0, "fraction of the task vector kept", (0, 1)),
             **{p.name: p for p in extra},
         },
         global_={
@@ -146,8 +179,8 @@ TA_REF = "https://arxiv.org/abs/2212.04089"
 BREADCRUMBS_REF = "https://arxiv.org/abs/2312.06795"
 DELLA_REF = "https://arxiv.org/abs/2406.11617"
 RAM_REF = "https://arxiv.org/abs/2601.13572"
-GAMMA = Param("gamma", float, 0.01, "fraction of the largest-magnitude entries dropped as outliers")
-EPSILON = Param("epsilon", float, 0.15, "keep probabilities span density -/+ epsilon by per-row magnitude rank")
+GAMMA = Param("gamma", float, 0.01, "fraction of the largest-magnitude entries dropped as outliers", (0, 1))
+EPSILON = Param("epsilon", float, 0.15, "keep probabilities span density -/+ epsilon by per-row magnitude rank", (0, 1))
 
 METHODS: Mapping[str, MethodSpec] = {
     "linear": MethodSpec(
@@ -158,6 +191,7 @@ METHODS: Mapping[str, MethodSpec] = {
         global_={"normalize": Param("normalize", bool, True, "divide by the sum of weights")},
         base="optional",
         pretty="Linear",
+        validate=_weights_sum,
         reference="https://arxiv.org/abs/2203.05482",
     ),
     "task_arithmetic": _gta(
@@ -201,7 +235,7 @@ METHODS: Mapping[str, MethodSpec] = {
         "SCE: select high-variance entries, weight task vectors by mean square, erase minority signs",
         global_={
             "int8_mask": Param("int8_mask", bool, False, "storage hint; no effect on results"),
-            "select_topk": Param("select_topk", float, 1.0, "fraction of the nonzero-variance entries kept"),
+            "select_topk": Param("select_topk", float, 1.0, "fraction of the nonzero-variance entries kept", (0, 1)),
         },
         base="required",
         pretty="SCE",
@@ -211,7 +245,7 @@ METHODS: Mapping[str, MethodSpec] = {
         "ram",
         "ram:prepare_ram",
         "RAM: keep changes made by one model, average changes made by several",
-        global_={"epsilon": Param("epsilon", float, 1e-5, "|task vector| above this counts as a change")},
+        global_={"epsilon": Param("epsilon", float, 1e-5, "|task vector| above this counts as a change", (0, None))},
         base="required",
         pretty="Reinforced Agent Merging",
         reference=RAM_REF,
@@ -221,9 +255,9 @@ METHODS: Mapping[str, MethodSpec] = {
         "ram:prepare_ramplus_tl",
         "RAM+ (tensor-local): RAM with unique changes scaled up by the tensor's shared/unique ratio (float32 result)",
         global_={
-            "r": Param("r", float, 0.1, "scale of the shared/unique ratio"),
-            "alpha": Param("alpha", float, 0.2, "upper clip of the shared/unique ratio"),
-            "epsilon": Param("epsilon", float, 1e-5, "|task vector| above this counts as a change"),
+            "r": Param("r", float, 0.1, "scale of the shared/unique ratio", (0, None)),
+            "alpha": Param("alpha", float, 0.2, "upper clip of the shared/unique ratio", (0, None)),
+            "epsilon": Param("epsilon", float, 1e-5, "|task vector| above this counts as a change", (0, None)),
         },
         base="required",
         pretty="Reinforced Agent Merging Plus (Tensor-Local)",
@@ -271,7 +305,7 @@ METHODS: Mapping[str, MethodSpec] = {
         per_model={"weight": Param("weight", float, REQUIRED, "weight of this model")},
         global_={
             "normalize_weights": Param("normalize_weights", bool, True, "divide the weights by their sum"),
-            "eps": Param("eps", float, 1e-8, "added to norms"),
+            "eps": Param("eps", float, 1e-8, "added to norms", (0, None)),
         },
         base="optional",
         pretty="Multi-SLERP",
@@ -284,8 +318,8 @@ METHODS: Mapping[str, MethodSpec] = {
         "geometric:prepare_karcher",
         "equal-weight Karcher mean of all inputs on the hypersphere, scaled by their mean norm",
         global_={
-            "max_iter": Param("max_iter", int, 10, "maximum iterations"),
-            "tol": Param("tol", float, 1e-5, "convergence tolerance"),
+            "max_iter": Param("max_iter", int, 10, "maximum iterations", (1, None)),
+            "tol": Param("tol", float, 1e-5, "convergence tolerance", (0, None)),
         },
         base="optional",
         pretty="Karcher Mean",
@@ -337,11 +371,11 @@ METHODS: Mapping[str, MethodSpec] = {
 
 def get_method(name: object, where: str) -> MethodSpec:
     """Look up a method by mergekit name, raising ConfigError naming ``where``."""
-    from .errors import ConfigError
+    from .errors import ConfigError, short
 
     if not isinstance(name, str) or name not in METHODS:
         known = ", ".join(sorted(METHODS))
-        raise ConfigError(f"{where}: unknown merge method {name!r} (supported: {known})")
+        raise ConfigError(f"{where}: unknown merge method {short(name)} (supported: {known})")
     return METHODS[name]
 
 

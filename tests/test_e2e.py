@@ -138,9 +138,14 @@ def one_line_error(result):
 
 def test_cli_plan_and_merge(models, tmp_path):
     cfg = write_cfg(models, tmp_path)
-    r = runner.invoke(app, ["plan", str(cfg)])
+    r = runner.invoke(app, ["plan", str(cfg), "--tensors"])
     assert r.exit_code == 0, r.output
     assert "model.layers.0.mlp.down_proj.weight" in r.output and "weight=0.3" in r.output
+    r = runner.invoke(app, ["plan", str(cfg)])  # the summary, and the gradients as a table by layer
+    lines = r.output.splitlines()
+    assert r.exit_code == 0 and "model.layers.0.mlp.down_proj.weight" not in r.output
+    assert lines[0].startswith("method: dare_ties") and any(x.startswith("weight of ") for x in lines)
+    assert lines[-1].split()[0] == "3" and "0.1" in lines[-1]  # layer 3: down_proj's gradient ends at 0.1
     assert not (tmp_path / "out").exists()
     r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "--seed", "0", "-q"])
     assert r.exit_code == 0, r.output
@@ -297,7 +302,8 @@ def test_no_digests_same_tensors(models, tmp_path):
 @pytest.mark.parametrize("value, expect", [
     ("auto", "from-models"),
     ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "literal"),
-    ("chatml", "error"),
+    ("chatml", "builtin"),
+    ("llama3", "builtin"),
     ("oops", "error"),
 ])
 @pytest.mark.parametrize("tokenizer", [True, False])
@@ -323,6 +329,8 @@ chat_template: {json.dumps(value)}
     got = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
     if expect == "literal":
         assert got == value
+    elif expect == "builtin":  # mergekit's built-in names: the format's template
+        assert {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>"}[value] in got and "{% for" in got
     else:
         templates = [json.loads((Path(models[m]) / "tokenizer_config.json").read_text()).get("chat_template") for m in ("llama", "tulu")]
         assert got in templates and got is not None

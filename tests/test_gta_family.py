@@ -274,11 +274,15 @@ def test_della_rejects_bad_epsilon_and_zero_density():
 
     rng = np.random.default_rng(7)
     base, xs = _models(rng, (8, 64), 1)
-    check = METHODS["della"].validate  # run by the planner for every model at every tensor
+    check = METHODS["della"].validate  # run by the planner for every tensor, with every model's parameters
+
+    def one(p):
+        return {}, [("models/m0", {}, True), ("models/m1", p, False)], "t"
+
     with pytest.raises(ConfigError, match="models/m1: della needs 0 < density -/\\+ epsilon"):
-        check({"weight": 1.0, "density": 0.9, "epsilon": 0.15}, "tensor t, model models/m1")
-    check({"weight": 1.0, "density": 0.5, "epsilon": 0.15}, "tensor t, model models/m1")
-    check({"weight": 1.0, "density": 0.0, "epsilon": 0.15}, "tensor t, model models/m1")  # zero: allowed
+        check(*one({"weight": 1.0, "density": 0.9, "epsilon": 0.15}))
+    check(*one({"weight": 1.0, "density": 0.5, "epsilon": 0.15}))
+    check(*one({"weight": 1.0, "density": 0.0, "epsilon": 0.15}))  # zero: allowed
     assert METHODS["della_linear"].validate is check and METHODS["ties"].validate is None
     out = run_program("della", [base, *xs], [{"weight": 1.0, "density": 0.0}])  # zeros_like: the base
     assert np.array_equal(_f32(out), _f32(base))

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import SafetensorsError
 from .reader import INDEX_NAME, SINGLE_NAME, SafetensorsFile
 from .tensor_file import TensorFile, TensorInfo
+from .model_dir import check_inside
 from .torch_zip import TorchFile
 
 __all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "Checkpoint", "MAX_INDEX_BYTES"]
@@ -54,6 +55,9 @@ class Checkpoint:
         self._files: dict[Path, TensorFile] = {}
         self.tensors: dict[str, TensorInfo] = {}
         d = self.model_dir
+        for name in (INDEX_NAME, SINGLE_NAME, BIN_INDEX_NAME, BIN_SINGLE_NAME):
+            if (d / name).is_file():
+                check_inside(d / name, d)
         if (d / INDEX_NAME).is_file():
             self.format = "safetensors"
             self._load_index(d / INDEX_NAME, SafetensorsFile)
@@ -80,6 +84,7 @@ class Checkpoint:
             raise SafetensorsError(_no_weights_message(d))
 
     def _add_file(self, f: TensorFile) -> None:
+        check_inside(f.path, self.model_dir)
         self._files[f.path] = f
         for name, info in f.tensors.items():
             if name in self.tensors:
@@ -106,6 +111,7 @@ class Checkpoint:
                 raise SafetensorsError(f"{index}: shard name {shard!r} must be a plain file name")
             if not p.is_file():
                 raise SafetensorsError(f"{index}: shard {shard} listed in the index is missing")
+            check_inside(p, self.model_dir)
             self._add_file(open_file(p))
         for name, shard in wmap.items():
             info = self.tensors.get(name)

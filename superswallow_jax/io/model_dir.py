@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelError, short
 
 
 def _cache_dirs() -> list[Path]:
@@ -45,6 +45,8 @@ def resolve_model_dir(ref: str) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         return p.resolve()
+    if p.exists():
+        raise ModelError(f"model {short(ref)}: {p} is a file, expected a model folder")
     looked = [str(p)]
     parts = path.split("/")
     if len(parts) == 2 and all(parts):
@@ -64,29 +66,62 @@ def resolve_model_dir(ref: str) -> Path:
         if revision and (hub / "snapshots" / revision).is_dir():
             return (hub / "snapshots" / revision).resolve()
     raise ModelError(
-        f"model {ref!r} not found locally (looked in: {', '.join(looked)}); "
+        f"model {short(ref)} not found locally (looked in: {', '.join(looked)}); "
         "download it first or set SUPERSWALLOW_MODEL_CACHE"
     )
 
 
+def check_inside(path: Path, model_dir: Path) -> Path:
+    """``path`` (a file of ``model_dir``) if it resolves inside the model folder, else a ModelError.
+
+    Symlinks are followed only within the folder, or, for a Hugging Face
+    cache snapshot (``models--org--name/snapshots/<rev>``), within the repo's
+    cache folder, whose ``blobs/`` hold the files the snapshot links to. A
+    link anywhere else (another user's file, ``/etc/...``) is refused.
+    """
+    root = Path(model_dir).resolve()
+    roots = [root, root.parent.parent] if root.parent.name == "snapshots" else [root]
+    real = Path(path).resolve()
+    if not any(real == r or r in real.parents for r in roots):
+        raise ModelError(f"{path}: links to {real}, outside the model folder; copy the file into the folder")
+    return Path(path)
+
+
+#: config.json keys that, when present, must be positive integers (a string there would
+#: otherwise make the planner guess the layer count from tensor names).
+_POSITIVE_INTS = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "n_layer", "num_layers")
+MAX_CONFIG_JSON_BYTES = 16 << 20
+
+
 def read_model_config(model_dir: Path) -> dict:
-    """Parse ``config.json`` of a model folder."""
+    """Parse ``config.json`` of a model folder (its size-related keys checked)."""
     path = Path(model_dir) / "config.json"
     try:
+        check_inside(path, model_dir)
+        if path.stat().st_size > MAX_CONFIG_JSON_BYTES:
+            raise ModelError(f"{path}: larger than the {MAX_CONFIG_JSON_BYTES:,}-byte limit for a config.json")
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelError(f"{path}: missing (every model folder needs a config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelError(f"{path}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise ModelError(f"{path}: must be a JSON object")
+    for key in _POSITIVE_INTS:
+        v = obj.get(key)
+        if key in obj and v is not None and (type(v) is not int or v <= 0):
+            raise ModelError(f"{path}: {key}: must be a positive integer, got {short(v)}")
     return obj
 
 
 def looks_like_hf_id(ref: str) -> bool:
-    """mergekit's rule: local if it starts with / or ~ or has more than one '/'."""
+    """A Hugging Face id: ``org/name`` (mergekit's rule: not starting with / ~ or ., one '/'),
+    and not a folder that exists here (``models/swallow`` is a local path, not a repo)."""
     path = ref.partition("@")[0]
-    return not (path.startswith(("/", "~", ".")) or path.count("/") != 1)
+    if path.startswith(("/", "~", ".")) or path.count("/") != 1:
+        return False
+    return not Path(path).expanduser().exists()
 
 
 def model_card(name: str, method_pretty: str, method_ref: str, base: str | None, others: list[str], config_text: str, show_base: bool) -> str:
@@ -107,7 +142,7 @@ def model_card(name: str, method_pretty: str, method_ref: str, base: str | None,
         f"# {name}",
         "",
         "This is a merge of pre-trained language models created with "
-        "[superswallow_jax](https://github.com/), which reads "
+        "superswallow_jax, which reads "
         "[mergekit](https://github.com/arcee-ai/mergekit) configurations.",
         "",
         "## Merge Details",

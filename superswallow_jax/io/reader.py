@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..dtypes import CODES, NP as DTYPES
+from ..errors import short
 from .tensor_file import TensorFile, TensorInfo, fail as _fail
 
 __all__ = ["CODES", "DTYPES", "Header", "INDEX_NAME", "MAX_HEADER_BYTES", "SINGLE_NAME", "SafetensorsFile", "TensorInfo",
@@ -94,6 +95,10 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     entries: list[tuple[int, int, str]] = []
     tensors: dict[str, TensorInfo] = {}
     for name, spec in obj.items():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(path, f"tensor name {short(name)} is not valid UTF-8 (a lone surrogate)") from None
         if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
             raise _fail(path, f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         code = spec["dtype"]

@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 from ..errors import TokenizerError
+from ..io.model_dir import check_inside
 
 __all__ = ["ModelTokenizer", "load_model_tokenizer"]
 
@@ -39,12 +40,20 @@ _MODEL_TYPES = ("BPE", "WordPiece", "WordLevel", "Unigram")
 # ------------------------------------------------------------------ helpers
 
 
+#: Largest tokenizer file read (a 256K-token tokenizer.json is about 20 MB).
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
 def _read_json(path: Path, what: str) -> Any:
     try:
+        if path.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise TokenizerError(f"{path}: larger than the {MAX_TOKENIZER_BYTES:,}-byte limit for a tokenizer file")
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except RecursionError:
+        raise TokenizerError(f"{path}: cannot read {what}: nested too deeply") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise TokenizerError(f"{path}: cannot read {what}: {msg}") from None
 
 
@@ -218,6 +227,7 @@ class ModelTokenizer:
 def _optional_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
+    check_inside(path, path.parent)
     obj = _read_json(path, path.name)
     if not isinstance(obj, dict):
         raise TokenizerError(f"{path}: not a JSON object")
@@ -228,6 +238,9 @@ def _tokenizer_json(model_dir: Path, cfg: dict | None) -> tuple[dict, Path | Non
     """Parsed ``tokenizer.json``, or the one built from ``tokenizer.model``
     (then also that file's path)."""
     tj_path = model_dir / "tokenizer.json"
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (model_dir / name).is_file():
+            check_inside(model_dir / name, model_dir)
     if tj_path.is_file():
         tj = _read_json(tj_path, "tokenizer.json")
         if not isinstance(tj, dict):
