@@ -163,3 +163,15 @@ def test_public_api_is_curated_and_lazy():
     out = subprocess.run([sys.executable, "-c", "import sys, superswallow_jax; print('jax' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_config_reference_documents_every_method_and_parameter():
+    from superswallow_jax.registry import METHODS
+
+    doc = (ROOT / "docs" / "config.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines() if line.startswith("| `")}
+    for name, spec in METHODS.items():
+        assert name in rows, f"docs/config.md lacks method {name}"
+        for p in spec.params:
+            if p != "int8_mask" or "int8_mask" in rows[name]:
+                assert f"`{p}`" in rows[name], f"docs/config.md: {name} lacks parameter {p}"

@@ -1,7 +1,7 @@
 """Tokenizer merging and embedding alignment (``tokenizer_source`` / ``tokenizer:``).
 
-Reproduces mergekit 0.1.5 running with transformers v5 (MERGE_SEMANTICS.md
-§3, §6), without transformers or torch:
+Reproduces mergekit 0.1.5 running with transformers v5
+(docs/mergekit-0.1.5-notes.md), without transformers or torch:
 
 * :mod:`.load`: one input model's tokenizer (``tokenizer.json``, or a
   sentencepiece ``tokenizer.model`` through :mod:`.sentencepiece`);
