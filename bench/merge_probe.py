@@ -126,7 +126,7 @@ def main() -> None:
         "backend": jax.default_backend(), "device_peak_bytes": stats.get("peak_bytes_in_use"),
         "marks": {k: (round(v, 4) if v is not None else None) for k, v in marks.items()},
         "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
-        "tensors": res.tensors, "bytes_written": res.bytes_written, "input_bytes": state["bytes"],
+        "tensors": res.tensors, "bytes_written": res.bytes_written, "output_bytes": state["bytes"],
     }))
 
 
