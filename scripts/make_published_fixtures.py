@@ -35,7 +35,9 @@ What is written (``OUT/``):
   ``special_tokens_map.json`` (slow ``LlamaTokenizer.save_pretrained``).
 * ``mergekit.json`` (``--mergekit``): for each config in ``configs/`` of the
   fixture folder, the sha256 of every tensor mergekit 0.1.5 writes, its
-  ``vocab_size`` and the token ids of :data:`TEXT` under its tokenizer.
+  ``vocab_size`` and the token ids of :data:`TEXT` under its tokenizer; for
+  a multi-stage recipe (``configs/multi-stage.yaml``, written by hand, not by
+  this script), the same for every named stage ``mergekit-multi`` writes.
 """
 
 from __future__ import annotations
@@ -225,11 +227,9 @@ def record_mergekit(root: Path) -> None:
     root = root.resolve()
     cfg_dir = root / "configs"
     record = {"text": TEXT, "transformers": transformers.__version__, "configs": {}}
-    for cfg in sorted(cfg_dir.glob("*.yaml")):
-        out = root / ".mk-out"
-        shutil.rmtree(out, ignore_errors=True)
-        subprocess.run([str(bin_dir / "mergekit-yaml"), str(cfg), str(out), "--random-seed", "0"], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                       cwd=root, check=True, capture_output=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def outputs(out: Path) -> dict:
         tensors = {}
         for f in sorted(out.glob("*.safetensors")):
             for k, v in load_file(str(f)).items():
@@ -237,9 +237,23 @@ def record_mergekit(root: Path) -> None:
                 tensors[k] = [str(v.dtype).removeprefix('torch.'), list(v.shape), hashlib.sha256(raw).hexdigest()]
         tok = transformers.AutoTokenizer.from_pretrained(str(out))
         conf = json.loads((out / "config.json").read_text())
-        record["configs"][cfg.name] = {"tensors": tensors, "vocab_size": conf["vocab_size"],
-                                       "ids": tok.encode(TEXT), "vocab": len(tok.get_vocab())}
-        shutil.rmtree(out)
+        return {"tensors": tensors, "vocab_size": conf["vocab_size"], "ids": tok.encode(TEXT), "vocab": len(tok.get_vocab())}
+
+    for cfg in sorted(cfg_dir.glob("*.yaml")):
+        out, inter = root / ".mk-out", root / ".mk-inter"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(inter, ignore_errors=True)
+        if "\n---" in cfg.read_text():  # a multi-stage recipe: every named stage's output
+            subprocess.run([str(bin_dir / "mergekit-multi"), str(cfg), "-I", str(inter), "--out-path", str(out)],
+                           env=env, cwd=root, check=True, capture_output=True)
+            stages = {d.name: outputs(d) for d in sorted(inter.iterdir())}
+            record.setdefault("recipes", {})[cfg.name] = {"tool": "mergekit-multi", "stages": stages}
+        else:
+            subprocess.run([str(bin_dir / "mergekit-yaml"), str(cfg), str(out), "--random-seed", "0"], env=env,
+                           cwd=root, check=True, capture_output=True)
+            record["configs"][cfg.name] = outputs(out)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(inter, ignore_errors=True)
     (root / "mergekit.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
 
 

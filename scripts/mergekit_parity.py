@@ -262,7 +262,7 @@ def read_tokenizer_json(folder: str) -> Optional[Tuple[Dict[int, str], Dict[str,
     return id2tok, added
 
 
-def _load_yaml(path: str):
+def load_yaml(path: str):
     """Minimal YAML loading: PyYAML if importable, else None."""
     try:
         import yaml  # type: ignore
@@ -298,7 +298,7 @@ class TokenizerPlan:
 def tokenizer_plan(config_path: Optional[str]) -> TokenizerPlan:
     if not config_path:
         return TokenizerPlan(False, None, None)
-    cfg = _load_yaml(config_path)
+    cfg = load_yaml(config_path)
     if cfg is None:
         text = open(config_path, "r", encoding="utf-8").read()
         src = _scan_yaml_scalar(text, "tokenizer_source")

@@ -114,18 +114,22 @@ def merge(
     num_processes: Optional[int] = typer.Option(None, help="multi-process: number of processes"),
     process_id: Optional[int] = typer.Option(None, help="multi-process: this process's index"),
     distributed: bool = typer.Option(False, help="multi-process: take the set-up from the environment (TPU pods, SLURM)"),
+    intermediate_dir: Optional[Path] = typer.Option(None, help="multi-stage recipes: where the stages before the last go (default: .OUT.superswallow-stages beside OUT)"),
+    keep_intermediate: bool = typer.Option(False, help="multi-stage recipes: keep every stage's output (default: delete each once no later stage reads it)"),
 ) -> None:
     """Merge the models of CONFIG into the folder OUT.
 
-    Uses all local devices. With --coordinator/--num-processes/--process-id (or
-    --distributed), each process merges and writes a share of the output shards.
+    CONFIG may be a multi-stage recipe (several YAML documents with names, as
+    mergekit-multi reads them): every stage runs in order and the last lands in
+    OUT. Uses all local devices. With --coordinator/--num-processes/--process-id
+    (or --distributed), each process merges and writes a share of the output shards.
     """
-    from superswallow_jax.config import load_config
     from superswallow_jax.devices import init_distributed
     from superswallow_jax.errors import ConfigError, SuperswallowError
     from superswallow_jax.io.writer import parse_size
     from superswallow_jax.merge import run_merge
     from superswallow_jax.options import MergeOptions
+    from superswallow_jax.recipe import load_recipe, run_recipe
 
     t0 = time.perf_counter()
     try:
@@ -133,41 +137,26 @@ def merge(
             raise ConfigError("--coordinator needs --num-processes and --process-id")
         _streaming_setup()
         procs = init_distributed(coordinator, num_processes, process_id, distributed)
-        quiet = quiet or not procs.is_main
-        cfg = load_config(config)
+        recipe = load_recipe(config)
         opts = MergeOptions(
             seed=seed, shard_size=parse_size(shard_size), out_dtype=_dtype_code(out_dtype), force=force,
             chunk_elems=chunk_elems, pass_cache_bytes=None if pass_cache_mb is None else pass_cache_mb * (1 << 20),
             fsync=fsync, digests=digests, file_digests=file_digests, hash_inputs=input_digests,
         )
-        progress_ctx = None
-        bar = {}
+        bar = _Bar(quiet or not procs.is_main)
+        say = lambda line: typer.echo(line, err=True)  # noqa: E731
 
-        def on_plan(plan):
-            for w in plan.warnings:
-                typer.echo(f"warning: {w}", err=True)
-            if quiet:
-                return
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-            nonlocal progress_ctx
-            progress_ctx = Progress(
-                "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                TransferSpeedColumn(), TimeRemainingColumn(), transient=False,
-            )
-            progress_ctx.start()
-            bar["task"] = progress_ctx.add_task(f"writing {len(plan.steps)} tensors", total=plan.total_output_bytes)
-
-        def on_progress(n):
-            if progress_ctx is not None:
-                progress_ctx.advance(bar["task"], n)
+        def one(cfg, dest, o, **stage):
+            return run_merge(cfg, dest, o, progress=bar.advance, on_plan=bar.start, procs=procs, say=say, **stage)
 
         try:
-            res = run_merge(cfg, out, opts, progress=on_progress, on_plan=on_plan, procs=procs,
-                            say=lambda line: typer.echo(line, err=True))
+            if recipe.multi:
+                res = run_recipe(recipe, out, opts, intermediate_dir=intermediate_dir,
+                                 keep_intermediate=keep_intermediate, say=say, run=one)
+            else:
+                res = one(recipe.final.config, out, opts)
         finally:
-            if progress_ctx is not None:
-                progress_ctx.stop()
+            bar.stop()
         took = time.perf_counter() - t0
         kept = f", {res.kept} kept from the interrupted run" if res.kept else ""
         typer.echo(f"wrote {res.tensors} tensors ({_size(res.bytes_written)}{kept}) to {res.out_dir} in "
@@ -176,25 +165,61 @@ def merge(
         _fail(e)
 
 
+class _Bar:
+    """The merge's progress display: one bar per merge (per stage of a recipe), in output bytes."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.progress, self.task = quiet, None, None
+
+    def start(self, plan) -> None:
+        for w in plan.warnings:
+            typer.echo(f"warning: {w}", err=True)
+        if self.quiet:
+            return
+        if self.progress is None:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+            self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+            self.progress.start()
+        self.task = self.progress.add_task(f"writing {len(plan.steps)} tensors", total=plan.total_output_bytes)
+
+    def advance(self, n: int) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task, n)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
 @app.command()
 def plan(
     config: Path = typer.Argument(..., help="mergekit YAML config"),
     as_json: bool = typer.Option(False, "--json", help="print the full plan as JSON"),
     tensors: bool = typer.Option(False, "--tensors", help="also list every output tensor with its sources and parameters"),
     shard_size: str = typer.Option("5B", help="max bytes per output shard"),
+    out: Optional[Path] = typer.Option(None, "--out", help="multi-stage recipes: the OUT a merge would write (finished earlier stages beside it are planned from)"),
 ) -> None:
-    """Explain what a merge would do, without reading tensor data or writing anything."""
-    from superswallow_jax.config import load_config
+    """Explain what a merge would do, without reading tensor data or writing anything.
+
+    For a multi-stage recipe: the stage graph, then each stage's plan (a stage
+    that reads a stage not yet merged is planned once that stage has run)."""
     from superswallow_jax.errors import SuperswallowError
-    from superswallow_jax.explain import plan_text
+    from superswallow_jax.explain import plan_text, recipe_plan_text
     from superswallow_jax.io.writer import parse_size
     from superswallow_jax.merge import dumps_plan
     from superswallow_jax.plan import build_plan
+    from superswallow_jax.recipe import load_recipe
 
     _imports_done()
 
     try:
-        with build_plan(load_config(config), shard_size=parse_size(shard_size)) as p:
+        recipe = load_recipe(config)
+        if recipe.multi:
+            typer.echo(recipe_plan_text(recipe, out, parse_size(shard_size), as_json, tensors))
+            return
+        with build_plan(recipe.final.config, shard_size=parse_size(shard_size)) as p:
             typer.echo(dumps_plan(p) if as_json else "\n".join(plan_text(p, tensors)))
     except (SuperswallowError, OSError) as e:
         _fail(e)
@@ -279,18 +304,25 @@ def verify(
 ) -> None:
     """Check that OUT is exactly what CONFIG makes: every file, shard header and tensor, and the manifest.
 
+    A multi-stage recipe is replayed: its earlier stages are merged again into a
+    temporary folder beside OUT and checked against the stages OUT's manifest records.
+
     The merge is re-run as a stream (nothing written) with the options OUT's
     manifest records. Exit 0 only on a full match; otherwise each difference
     is listed by file or tensor and the exit code is 1.
     """
     from superswallow_jax import manifest as mf
-    from superswallow_jax.config import load_config
     from superswallow_jax.errors import SuperswallowError, VerifyError
-    from superswallow_jax.verify import verify_folder
+    from superswallow_jax.recipe import load_recipe
+    from superswallow_jax.verify import verify_folder, verify_recipe
 
     _streaming_setup()
     try:
-        rep = verify_folder(load_config(config), out, seed=seed, select=mf.make_selector(tensors), against=against)
+        recipe, select = load_recipe(config), mf.make_selector(tensors)
+        if recipe.multi and against is None:
+            rep = verify_recipe(recipe, out, seed=seed, select=select, say=lambda line: typer.echo(line, err=True))
+        else:
+            rep = verify_folder(recipe.final.config, out, seed=seed, select=select, against=against)
         for f in rep.findings:
             typer.echo(f.line())
         typer.echo(f"{rep.tensors_matched} of {rep.tensors_checked} tensors match; {rep.files_checked} files checked; "

@@ -18,7 +18,7 @@ import yaml
 from .dtypes import config_code
 from .errors import ConfigError, short
 from .registry import ALL_PARAMS, METHODS, MethodSpec, get_method
-from .params import Setting, parse_setting
+from .params import Setting, coerce, literals, parse_setting
 
 
 
@@ -130,6 +130,10 @@ def _params(raw: object, where: str, method: MethodSpec, allowed: Mapping[str, A
                     f"{where}.{k}: unknown parameter for merge_method {method.name} (known: {known})"
                 )
         out[k] = parse_setting(v, f"{where}.{k}")
+        param = method.params.get(k)
+        if param is not None:
+            for x in literals(out[k]):  # types and ranges now, not when a later tensor or stage is planned
+                param.check(coerce(x, param.type, f"{where}.{k}"), f"{where}.{k}")
     return out
 
 
@@ -265,11 +269,11 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_VALUES = 200_000
 
 
-class _StrictLoader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader that refuses a key repeated in one mapping (the last would win silently)."""
 
 
-def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _no_duplicate_keys(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict = {}
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
@@ -285,7 +289,7 @@ def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     return loader.construct_mapping(node, deep=deep)
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
 
 
 def _count_values(data: Any, limit: int) -> int:
@@ -304,10 +308,10 @@ def _count_values(data: Any, limit: int) -> int:
     return n
 
 
-def _load_yaml(text: str, file: str) -> Any:
+def load_yaml(text: str, file: str) -> Any:
     """One YAML document, strictly: no repeated keys, bounded depth and alias expansion."""
     try:
-        docs = list(yaml.load_all(text, Loader=_StrictLoader))
+        docs = list(yaml.load_all(text, Loader=StrictLoader))
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
     except yaml.YAMLError as e:
@@ -340,15 +344,16 @@ def _normalized(data: Mapping[str, Any], file: str) -> str:
     return text
 
 
-def parse_config(text: str, path: Path | None = None) -> MergeConfig:
-    """Parse and validate YAML text. ``path`` is only used in error messages."""
+def parse_config(text: str, path: Path | None = None, allow_name: bool = False) -> MergeConfig:
+    """Parse and validate YAML text. ``path`` is only used in error messages;
+    ``allow_name``: the document is a stage of a recipe (its ``name:`` key is allowed)."""
     warn: list[str] = []
     file = str(path) if path else "<config>"
-    data = _load_yaml(text, file)
+    data = load_yaml(text, file)
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: top level must be a mapping")
     normalized = _normalized(data, file)
-    unknown = set(data) - TOP_KEYS
+    unknown = set(data) - TOP_KEYS - ({"name"} if allow_name else set())
     if unknown:
         raise ConfigError(f"{file}: {sorted(unknown)[0]}: unknown top-level key")
     if "merge_method" not in data:
@@ -415,21 +420,25 @@ def parse_config(text: str, path: Path | None = None) -> MergeConfig:
     )
 
 
-def load_config(path: Path) -> MergeConfig:
-    """Read and validate a config file."""
+def read_config_text(path: Path) -> str:
+    """A config file's text (at most MAX_CONFIG_BYTES, UTF-8), or a ConfigError naming the file."""
     path = Path(path)
     try:
         if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, larger than the {MAX_CONFIG_BYTES:,}-byte "
                               "limit for a config")
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, expected a YAML config file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config ({type(e).__name__})") from None
-    return parse_config(text, path)
 
 
-__all__ = ["MergeConfig", "SliceSpec", "SourceSpec", "TokenizerSpec", "TokenOverrideSpec", "load_config", "parse_config", "METHODS"]
+def load_config(path: Path) -> MergeConfig:
+    """Read and validate a config file."""
+    return parse_config(read_config_text(path), Path(path))
+
+
+__all__ = ["MergeConfig", "SliceSpec", "SourceSpec", "TokenizerSpec", "TokenOverrideSpec", "load_config", "parse_config", "read_config_text", "METHODS"]

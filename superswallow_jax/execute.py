@@ -35,6 +35,7 @@ class ExecOptions:
     seed: int = 0
     chunk_elems: int | None = None  # None: default_chunk_elems() for the backend
     pass_cache_bytes: int | None = None  # None: default_pass_cache_bytes() for the backend
+    stage: str | None = None  # a multi-stage recipe's stage name (PRNG keys)
 
 
 class _Sink:
@@ -101,7 +102,7 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
             if k + 1 < len(steps):  # read-ahead hint for the next tensor's first chunk
                 fetch.prefetch(steps[k + 1], 0, min(steps[k + 1].numel, chunk))
             ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch, placement,
-                              PassCache(budget))
+                              PassCache(budget), opts.stage)
             program = programs.prepare(ctx)
             out_bytes = NP[step.out_dtype].itemsize
             for a, b in ctx.chunks():

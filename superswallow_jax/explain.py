@@ -5,6 +5,8 @@ tokenizer, sizes, shards), the per-model parameters by layer as a compact
 table (the Superswallow gradients: one row per layer, one column per group of
 tensors that get the same values) and the warnings; ``tensors=True`` first
 lists every output tensor with its sources and resolved parameters.
+:func:`recipe_plan_text` does the same for each stage of a multi-stage
+recipe, after the stage graph.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Mapping
 
 from .plan import Plan, Step, describe_params
 
-__all__ = ["plan_text"]
+__all__ = ["plan_text", "recipe_plan_text"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -114,3 +116,34 @@ def plan_text(plan: Plan, tensors: bool = False) -> list[str]:
     lines += _param_tables(plan)
     lines += [f"warning: {w}" for w in plan.warnings]
     return lines
+
+
+def recipe_plan_text(recipe, out, shard_size: int, as_json: bool, tensors: bool) -> str:
+    """``plan`` of a multi-stage recipe: the stage graph, then each stage's plan where its inputs exist.
+
+    A stage reading an earlier stage is planned from that stage's finished
+    output (beside ``out``, when given); otherwise its plan waits for that stage.
+    """
+    import json
+    from pathlib import Path
+
+    from .merge import dumps_plan
+    from .plan import build_plan
+    from .recipe import check_references, describe, stage_dirs
+
+    check_references(recipe)
+    dirs = stage_dirs(recipe, Path(out), None) if out else {n: Path(".OUT.superswallow-stages", n)
+                                                             for n in stage_dirs(recipe, Path("OUT"), None)}
+    lines, doc = describe(recipe, dirs), []
+    for s in recipe.stages:
+        missing = [n for n in s.reads if not (out and (dirs[n] / "merge_manifest.json").is_file())]
+        lines += ["", f"== stage {s.label} =="]
+        if missing:
+            why = f"it reads {', '.join(missing)}, not merged yet; its tensors are planned once that has run"
+            lines.append(why)
+            doc.append({"stage": s.name, "reads": list(s.reads), "plan": None, "why": why})
+            continue
+        with build_plan(s.config, shard_size=shard_size, aliases=dirs) as p:
+            lines += plan_text(p, tensors)
+            doc.append({"stage": s.name, "reads": list(s.reads), "plan": json.loads(dumps_plan(p))})
+    return json.dumps({"stages": doc}, indent=1) if as_json else "\n".join(lines)

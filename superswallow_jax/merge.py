@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from . import manifest as mf
 from . import devices as dv
@@ -37,23 +37,29 @@ class MergeResult:
 def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions(), *,
               progress: Callable[[int], None] | None = None, on_plan: Callable[[Plan], None] | None = None,
               order: Sequence[int] | None = None, procs: ProcessInfo = ProcessInfo(0, 1),
-              say: Callable[[str], None] | None = None) -> MergeResult:
+              say: Callable[[str], None] | None = None, stage: str | None = None,
+              aliases: Mapping[str, Path] | None = None, manifest_extra: Mapping | None = None) -> MergeResult:
     """Merge ``cfg`` into ``out_dir``. Raises SuperswallowError on user errors.
 
     ``progress(n)``: output bytes produced (a resumed run's kept tensors count at once); ``on_plan(plan)``: once planned;
     ``order``: step indices in the order to run (tests); ``say(line)``: notes
     (resume, removed staging). With several processes (``procs``) the shards
-    are divided among them by bytes and process 0 commits.
+    are divided among them by bytes and process 0 commits. A stage of a
+    multi-stage recipe (:mod:`superswallow_jax.recipe`) passes its ``stage``
+    name (folded into the PRNG keys and recorded), ``aliases`` (earlier stages'
+    folders by name) and, for the final stage, ``manifest_extra`` (the stages).
     """
-    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype)
+    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases)
     if on_plan is not None:
         on_plan(plan)
-    output = Output(plan, out_dir, opts, procs, say or (lambda _line: None))
+    output = Output(plan, out_dir, opts, procs, say or (lambda _line: None), stage)
     with plan:
         try:
             output.prepare({m.key: m.dir for m in plan.models})
-            digests, inputs, files, written, kept = _write_tensors(plan, output, opts, progress, order)
-            final = output.commit(mf.build_manifest(plan, opts, inputs, digests, files))
+            digests, inputs, files, written, kept = _write_tensors(plan, output, opts, progress, order, stage)
+            manifest = mf.build_manifest(plan, opts, inputs, digests, files)
+            manifest.update({"stage": stage} if stage is not None else {}, **(manifest_extra or {}))
+            final = output.commit(manifest)
         except BaseException:
             output.abort()
             raise
@@ -62,7 +68,7 @@ def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions
     return MergeResult(output.out, tuple(final), len(digests), written, kept)
 
 
-def _write_tensors(plan: Plan, output: Output, opts: MergeOptions, progress, order):
+def _write_tensors(plan: Plan, output: Output, opts: MergeOptions, progress, order, stage: str | None):
     """Stream this process's tensors into the staging shards; digests gathered from every process."""
     writer, journal, kept = output.writer()
     if progress is not None and kept:
@@ -84,10 +90,10 @@ def _write_tensors(plan: Plan, output: Output, opts: MergeOptions, progress, ord
                 if done is not None:
                     journal.add(name, done)
                     finished[0] += 1
-                    crash_point(f"tensor-{finished[0]}")
+                    crash_point(f"{stage}/tensor-{finished[0]}" if stage else f"tensor-{finished[0]}")
 
-        for _ in iter_results(plan, ExecOptions(opts.seed, opts.chunk_elems, opts.pass_cache_bytes), progress, steps,
-                              sink=sink):
+        for _ in iter_results(plan, ExecOptions(opts.seed, opts.chunk_elems, opts.pass_cache_bytes, stage), progress,
+                              steps, sink=sink):
             pass
         digests = {n: mf.TensorDigest(n, plan.step(n).out_dtype, plan.step(n).shape, sha) for n, sha in kept.items()}
         digests.update(hasher.digests() if hasher is not None else {})
@@ -116,17 +122,19 @@ def _gather(procs: ProcessInfo, digests: dict, input_hashes: dict, files: dict):
 
 
 def verify_stream(cfg: MergeConfig, opts: MergeOptions = MergeOptions(), select=None,
-                  progress: Callable[[int], None] | None = None) -> dict:
+                  progress: Callable[[int], None] | None = None, stage: str | None = None,
+                  aliases: Mapping[str, Path] | None = None) -> dict:
     """Re-run the merge without writing weights; return per-tensor digests (selected tensors only).
 
     ``opts``: the byte-relevant options of the merge being checked (seed, out_dtype).
     """
-    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype)
+    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases)
     with plan:
         order = [i for i, s in enumerate(plan.steps) if select is None or select(s.name)]
         specs = {plan.steps[i].name: (plan.steps[i].out_dtype, plan.steps[i].shape) for i in order}
         hasher = mf.StreamHasher(specs)
-        for _ in iter_results(plan, ExecOptions(opts.seed, opts.chunk_elems), progress, order, sink=hasher.feed):
+        for _ in iter_results(plan, ExecOptions(opts.seed, opts.chunk_elems, stage=stage), progress, order,
+                              sink=hasher.feed):
             pass
         return hasher.digests()
 

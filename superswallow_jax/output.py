@@ -70,7 +70,7 @@ class Output:
     """One merge's output folder (see the module docstring)."""
 
     def __init__(self, plan: Plan, out_dir: Path, opts: MergeOptions, procs: ProcessInfo,
-                 say: Callable[[str], None]):
+                 say: Callable[[str], None], stage: str | None = None):
         self.plan, self.opts, self.procs, self.say = plan, opts, procs, say
         self.out = Path(out_dir).expanduser().resolve()
         self.staging = cm.staging_path(self.out)
@@ -84,7 +84,7 @@ class Output:
             "superswallow_jax": __version__, "jax": jax.__version__, "prng_scheme": prng.PRNG_SCHEME,
             "config_sha256": mf.config_hash(plan.config.normalized), "options": opts.recorded(),
             "layout": mf.config_hash("".join(lay.filename + lay.header.hex() for lay in self.layouts)),
-            "inputs": _input_identity(plan),
+            "inputs": _input_identity(plan), "stage": stage,
         }
         self.resume = False
         self.lock: cm.OutputLock | None = None

@@ -129,3 +129,32 @@ def parse_setting(raw: object, where: str) -> Setting:
             raise ConfigError(f"{where}: cannot mix conditionals and numbers in one list")
         return Setting(tuple(cond(x, f"{where}[{i}]") for i, x in enumerate(raw)))
     return Setting((cond(raw, where),))
+
+
+def coerce(value: object, typ: type, where: str) -> object:
+    """``value`` as a parameter of type ``typ`` (float, int or bool), else a ConfigError naming ``where``.
+
+    Numbers in quotes (``"0.5"``) count as numbers, as mergekit accepts them.
+    """
+    from .errors import ConfigError, short
+
+    if typ in (float, int) and numeric_string(value) is not None:
+        value = numeric_string(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)):
+            return bool(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is int:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+            return int(value)
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {short(value)}")
+
+
+def literals(setting: Setting) -> list:
+    """Every value a setting spells out (gradient points included): what it can evaluate to lies
+    between them, so checking these against a closed range checks every tensor's value."""
+    return [x for r in setting.rules for x in (r.value.values if isinstance(r.value, Gradient) else (r.value,))]

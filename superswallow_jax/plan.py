@@ -35,7 +35,7 @@ from .io.checkpoint import Checkpoint
 from .io.reader import TensorInfo
 from .io.writer import TensorSpec, assign_shards
 from .registry import MethodSpec
-from .params import Setting, numeric_string
+from .params import Setting, coerce, numeric_string
 
 if TYPE_CHECKING:  # types only: importing the tokenizer costs start-up time
     from .tokenizer import EmbeddingAlignment, OutputTokenizer
@@ -142,23 +142,6 @@ class Plan:
 # ---------------------------------------------------------------- parameters
 
 
-def _coerce(value: Any, typ: type, where: str) -> Any:
-    if typ in (float, int) and numeric_string(value) is not None:
-        value = numeric_string(value)  # "0.5": a number in quotes, as mergekit accepts it
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, float)):
-            return bool(value)
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif typ is int:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
-            return int(value)
-    raise ConfigError(f"{where}: expected {typ.__name__}, got {short(value)}")
-
-
 def _eval_levels(levels: Sequence[tuple[Mapping[str, Setting], str]], pname: str, name: str, t: float):
     for params, where in levels:
         s = params.get(pname)
@@ -188,7 +171,7 @@ def _resolve_model_params(
                     continue
                 raise ConfigError(f"missing required parameter {pname!r} for model {label} at tensor {in_name}")
             v, where = p.default, "default"
-        out[pname] = v if v is None else _coerce(v, p.type, f"{where} (model {label}, tensor {in_name})")
+        out[pname] = v if v is None else coerce(v, p.type, f"{where} (model {label}, tensor {in_name})")
         p.check(out[pname], f"{where} (model {label}, tensor {in_name})")
     return out
 
@@ -202,7 +185,7 @@ def _resolve_global_params(method: MethodSpec, sl: SliceSpec | None, cfg: MergeC
             if p.required:
                 raise ConfigError(f"missing required parameter {pname!r} at tensor {out_name}")
             v, where = p.default, "default"
-        out[pname] = _coerce(v, p.type, f"{where} (tensor {out_name})")
+        out[pname] = coerce(v, p.type, f"{where} (tensor {out_name})")
         p.check(out[pname], f"{where} (tensor {out_name})")
     return out
 
@@ -252,11 +235,12 @@ def _optional_inputs(method: MethodSpec, present: Sequence[int], base: int | Non
     return True
 
 
-def load_models(cfg: MergeConfig) -> tuple[ModelInput, ...]:
-    """Resolve and open every referenced model (headers only)."""
+def load_models(cfg: MergeConfig, aliases: Mapping[str, Path] | None = None) -> tuple[ModelInput, ...]:
+    """Resolve and open every referenced model (headers only). ``aliases``: model
+    references that name folders directly (a recipe's earlier stages)."""
     out = []
     for ref in cfg.referenced_models():
-        d = resolve_model_dir(ref)
+        d = Path(aliases[ref]) if aliases and ref in aliases else resolve_model_dir(ref)
         out.append(ModelInput(ref, d, MappingProxyType(read_model_config(d)), Checkpoint(d)))
     return tuple(out)
 
@@ -491,9 +475,10 @@ def _out_config(cfg: MergeConfig, donor: ModelInput, arch: Architecture, dtype: 
 
 
 def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, shard_size: int = 5_000_000_000,
-               out_dtype: str | None = None) -> Plan:
-    """Build the full plan. ``out_dtype`` (a dtype code) overrides the config's."""
-    models = tuple(models) if models is not None else load_models(cfg)
+               out_dtype: str | None = None, aliases: Mapping[str, Path] | None = None) -> Plan:
+    """Build the full plan. ``out_dtype`` (a dtype code) overrides the config's;
+    ``aliases`` maps model references to folders (a recipe's earlier stages)."""
+    models = tuple(models) if models is not None else load_models(cfg, aliases)
     arch = resolve_architecture(
         [m.config for m in models], [list(m.checkpoint.tensors) for m in models], [m.key for m in models]
     )

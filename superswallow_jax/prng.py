@@ -182,12 +182,15 @@ def stable_name_words(name: str) -> tuple[int, int]:
     return int.from_bytes(digest[0:4], "big"), int.from_bytes(digest[4:8], "big")
 
 
-def tensor_key_data(seed: int, tensor_name: str, source_index: int) -> np.ndarray:
+def tensor_key_data(seed: int, tensor_name: str, source_index: int, stage: str | None = None) -> np.ndarray:
     """Raw key data (``uint32[2]``) for the random stream of one tensor of one source model.
 
     Defined as ``fold_in(fold_in(fold_in(root_key_data(seed), w0), w1),
     source_index)`` with ``(w0, w1) = stable_name_words(tensor_name)`` and
-    ``fold_in`` exactly ``jax.random.fold_in``. Computed on the host in NumPy.
+    ``fold_in`` exactly ``jax.random.fold_in``. In a stage of a multi-stage
+    recipe, the stage name's two words are folded in first (right after the
+    root), so stages draw different masks; ``stage=None`` (a single merge, or
+    a recipe's unnamed final stage) folds in nothing. Computed on the host in NumPy.
 
     Raises:
       ValueError: ``seed`` is outside ``[0, 2**64)`` or ``source_index``
@@ -195,7 +198,7 @@ def tensor_key_data(seed: int, tensor_name: str, source_index: int) -> np.ndarra
     """
     key = root_key_data(seed)
     source_index = _check_uint("source_index", source_index, 32)
-    for word in (*stable_name_words(tensor_name), source_index):
+    for word in (*(stable_name_words(stage) if stage is not None else ()), *stable_name_words(tensor_name), source_index):
         key = _fold_in_numpy(key, word)
     return key
 

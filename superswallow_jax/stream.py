@@ -185,6 +185,13 @@ class StepContext(ChunkPasses):
     fetch: InputFetcher
     placement: Placement
     cache: PassCache = field(default_factory=PassCache)
+    stage: str | None = None  # the stage of a multi-stage recipe (folded into the PRNG keys)
+
+    def tensor_key(self, source: int) -> "np.ndarray":
+        """The PRNG key data of this step's tensor for source ``source`` (a position in ``step.sources``)."""
+        from . import prng
+
+        return prng.tensor_key_data(self.seed, self.step.name, self.step.sources[source].model, self.stage)
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         """Flat element ranges [a, b) covering the tensor, in order."""

@@ -23,7 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from . import __version__
 from . import manifest as mf
@@ -37,7 +37,7 @@ from .options import MergeOptions
 from .output import Output
 from .plan import build_plan
 
-__all__ = ["Finding", "Report", "verify_folder"]
+__all__ = ["Finding", "Report", "verify_folder", "verify_recipe"]
 
 
 @dataclass(frozen=True)
@@ -137,15 +137,21 @@ def _check_manifest(out: Path, man: dict, cfg: MergeConfig, opts: MergeOptions, 
 
 
 def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, select: Callable[[str], bool] | None = None,
-                  against: Path | None = None, progress: Callable[[int], None] | None = None) -> Report:
-    """Compare folder ``out`` with what ``cfg`` makes (see the module docstring)."""
+                  against: Path | None = None, progress: Callable[[int], None] | None = None,
+                  stage: str | None = None, aliases: Mapping[str, Path] | None = None,
+                  rep: Report | None = None) -> Report:
+    """Compare folder ``out`` with what ``cfg`` makes (see the module docstring).
+
+    ``stage``/``aliases``: the final stage of a recipe and its earlier stages' folders (:func:`verify_recipe`).
+    """
     from .merge import verify_stream
 
     out = Path(out)
     man = mf.read_manifest(out)
     opts = _options(man, seed)
-    rep = Report(seed=opts.seed)
-    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype)
+    rep = rep or Report()
+    rep.seed = opts.seed
+    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases)
     with plan:
         if select is not None and not any(select(s.name) for s in plan.steps):
             raise ConfigError("--tensors: the pattern matches no tensor of this merge")
@@ -158,7 +164,7 @@ def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, selec
     if against is not None:
         expected = mf.folder_digests(against, select)
     else:
-        expected = verify_stream(cfg, opts, select, progress)
+        expected = verify_stream(cfg, opts, select, progress, stage=stage, aliases=aliases)
     res = mf.compare(expected, actual)
     rep.tensors_checked = len(set(expected) | set(actual))
     rep.tensors_matched = len(res.matched)
@@ -171,3 +177,46 @@ def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, selec
     else:
         _check_manifest(out, man, cfg, opts, all_files, actual if select is None else {}, rep)
     return rep
+
+
+def verify_recipe(recipe, out: Path, *, seed: int | None = None, select: Callable[[str], bool] | None = None,
+                  progress: Callable[[int], None] | None = None, say: Callable[[str], None] = lambda _line: None) -> Report:
+    """Replay a multi-stage recipe (:mod:`superswallow_jax.recipe`) and compare its final stage with ``out``.
+
+    Every stage before the last is merged again into a temporary folder beside
+    ``out`` (removed afterwards); each one's model digest and identity are
+    compared with the stages ``out``'s manifest records, then the final stage
+    is checked as :func:`verify_folder` checks a single merge.
+    """
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    from .merge import run_merge
+    from .recipe import check_references, identities
+
+    out = Path(out)
+    man = mf.read_manifest(out) or {}
+    opts = replace(_options(man, seed), force=False, digests=True, file_digests=False)
+    check_references(recipe)
+    rep = Report()
+    recorded = man.get("stages") if isinstance(man.get("stages"), dict) else {}
+    ids = identities(recipe, opts)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.superswallow-verify-", dir=out.resolve().parent))
+    try:
+        dirs = {s.name: tmp / s.name for s in recipe.stages[:-1]}
+        for s in recipe.stages[:-1]:
+            say(f"stage {s.label}: merging again into {dirs[s.name]}")
+            res = run_merge(s.config, dirs[s.name], opts, stage=s.name, aliases=dirs)
+            got = (mf.read_manifest(res.out_dir) or {}).get("model_digest")
+            rec = recorded.get(s.name) or {}
+            if not rec:
+                rep.add("MISSING", mf.MANIFEST_NAME, f"no record of stage {s.name}")
+            elif rec.get("model_digest") != got or rec.get("identity") != ids[s.name]:
+                rep.add("DIFFERS", mf.MANIFEST_NAME, f"stage {s.name} is not what the recipe makes")
+        if man.get("stage_identity") != ids[recipe.final.name]:
+            rep.add("DIFFERS", mf.MANIFEST_NAME, "stage_identity is not this recipe's final stage")
+        return verify_folder(recipe.final.config, out, seed=seed, select=select, progress=progress,
+                             stage=recipe.final.name, aliases=dirs, rep=rep)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from superswallow_jax.config import load_config, parse_config
+from superswallow_jax.recipe import load_recipe
 from superswallow_jax.errors import ConfigError
 from superswallow_jax.params import Gradient
 
@@ -19,9 +20,10 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_config_loads(path):
-    cfg = load_config(path)
-    assert cfg.method.name == cfg.merge_method
-    assert cfg.referenced_models()
+    for stage in load_recipe(path).stages:  # an ordinary config is a recipe of one stage
+        cfg = stage.config
+        assert cfg.method.name == cfg.merge_method
+        assert cfg.referenced_models()
 
 
 def test_superswallow_recipe_parsed():

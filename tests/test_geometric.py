@@ -16,7 +16,7 @@ from superswallow_jax.host import vecsum
 from superswallow_jax.registry import METHODS
 from superswallow_jax.programs import load
 from superswallow_jax.programs import geometric as geo
-from superswallow_jax.stream import ChunkPasses, bucket_for, pad
+from superswallow_jax.stream import ChunkPasses, StepContext, bucket_for, pad
 
 from . import reference_geometric as ref
 
@@ -25,6 +25,9 @@ BF16 = ml_dtypes.bfloat16
 
 class FakeCtx(ChunkPasses):
     """The parts of a StepContext the chunk programs use, over in-memory arrays."""
+
+    stage = None
+    tensor_key = StepContext.tensor_key
 
     def __init__(self, arrays, *, work, out=None, params=None, per_model=None, base=None, chunk=1 << 20, seed=0, name="t"):
         shape = arrays[0].shape

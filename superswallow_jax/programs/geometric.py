@@ -630,7 +630,7 @@ def prepare_arcee_fusion(ctx: StepContext):
     numel = step.numel
     picked: list[np.ndarray] = []
     if numel > af.SAMPLE_SIZE:
-        idx = sample_indices(prng.tensor_key_data(ctx.seed, step.name, step.sources[other].model), numel)
+        idx = sample_indices(ctx.tensor_key(other), numel)
     else:
         idx = None
 

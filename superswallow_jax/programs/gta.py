@@ -246,7 +246,7 @@ def _donor_kind(ctx: StepContext, i: int) -> str | None:
 
 
 def _gta_setup(ctx: StepContext) -> _GtaArgs:
-    step, method, seed, bucket = ctx.step, ctx.plan.method, ctx.seed, ctx.bucket
+    step, method, bucket = ctx.step, ctx.plan.method, ctx.bucket
     donors = list(step.donors)
     kinds = [_donor_kind(ctx, i) for i in donors]
     lam = float(step.params.get("lambda", 1.0))
@@ -264,7 +264,7 @@ def _gta_setup(ctx: StepContext) -> _GtaArgs:
     keys = np.zeros((k, 2), np.uint32)
     for j, (i, kind) in enumerate(zip(donors, kinds)):
         if kind in ("random", "della"):  # the kinds that draw masks; the others never read their key
-            keys[j] = prng.tensor_key_data(seed, step.name, step.sources[i].model)
+            keys[j] = ctx.tensor_key(i)
     rw = _work_of(sig, "random")  # = della's work dtype
     dens = [float(step.sources[i].params.get("density", 1.0)) for i in donors]
     eps = [float(step.sources[i].params.get("epsilon") or 0.0) for i in donors]
