@@ -106,6 +106,7 @@ def merge(
     chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 1M on the CPU, 4M on accelerators)"),
     pass_cache_mb: Optional[int] = typer.Option(None, help="MB a multi-pass method (DARE, TIES, ...) may keep between passes instead of reading again (default 64 on the CPU; on accelerators an eighth of device memory, at most 4096; 0: none)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    io_threads: Optional[int] = typer.Option(None, help="threads reading input chunks, and threads hashing and writing output chunks (default: this process's cores, at most 8; the bytes never depend on it)"),
     fsync: bool = typer.Option(True, help="fsync output files before renaming them into place"),
     digests: bool = typer.Option(True, help="sha256 of inputs, output tensors and small files in merge_manifest.json"),
     file_digests: bool = typer.Option(False, help="also the sha256 of each weight shard file (one more pass over the output bytes)"),
@@ -141,7 +142,7 @@ def merge(
         opts = MergeOptions(
             seed=seed, shard_size=parse_size(shard_size), out_dtype=_dtype_code(out_dtype), force=force,
             chunk_elems=chunk_elems, pass_cache_bytes=None if pass_cache_mb is None else pass_cache_mb * (1 << 20),
-            fsync=fsync, digests=digests, file_digests=file_digests, hash_inputs=input_digests,
+            fsync=fsync, digests=digests, file_digests=file_digests, hash_inputs=input_digests, io_threads=io_threads,
         )
         bar = _Bar(quiet or not procs.is_main)
         say = lambda line: typer.echo(line, err=True)  # noqa: E731

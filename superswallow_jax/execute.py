@@ -1,10 +1,12 @@
 """Stream a :class:`~superswallow_jax.plan.Plan`: read, merge, write (how).
 
 Each step is prepared into a chunk program (:mod:`superswallow_jax.programs`),
-then its chunks (:mod:`superswallow_jax.stream`) are dispatched in order. A
-writer thread waits for each result, writes and hashes it, and releases the
-consumed input pages (``MADV_DONTNEED``), while the main thread reads and
-dispatches the next chunks; at most two chunks are in flight.
+then its chunks (:mod:`superswallow_jax.stream`) are dispatched in order.
+Writer lanes (a thread pool) wait for each result, write and hash it, and
+release the consumed input pages (``MADV_DONTNEED``), while the main thread
+dispatches the next chunks. Reads run on a pool too: every source of a chunk
+at once, and the next chunk's while this one is merged. Both pools have
+``io_threads`` threads; the bytes never depend on it.
 
 Whole-tensor statistics use fixed 1024-element blocks (float64 sums combined
 with ``math.fsum``) and exact bit-pattern histograms, so results are the same
@@ -13,8 +15,8 @@ bytes for any chunk size, device count or tensor order.
 
 from __future__ import annotations
 
-import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -25,7 +27,7 @@ from .devices import Placement
 from .dtypes import NP
 from .passcache import PassCache, default_pass_cache_bytes
 from .plan import Plan, Step
-from .stream import InputFetcher, StepContext, bucket_for, chunk_size, default_chunk_elems
+from .stream import InputFetcher, StepContext, bucket_for, chunk_size, default_chunk_elems, default_io_threads
 
 # ------------------------------------------------------------------ driver
 
@@ -36,49 +38,59 @@ class ExecOptions:
     chunk_elems: int | None = None  # None: default_chunk_elems() for the backend
     pass_cache_bytes: int | None = None  # None: default_pass_cache_bytes() for the backend
     stage: str | None = None  # a multi-stage recipe's stage name (PRNG keys)
+    io_threads: int | None = None  # readers, and writer lanes; None: default_io_threads()
 
 
 class _Sink:
-    """A writer thread: waits for each chunk's result, hands it to ``sink`` and
-    releases the chunk's input pages, while the main thread prepares and
-    dispatches the next chunks (hashing and ``pwrite`` release the GIL).
+    """Writer lanes: a pool of ``workers`` threads waits for each chunk's result,
+    hands it to ``sink`` and releases the chunk's input pages, while the main
+    thread prepares and dispatches the next chunks (hashing and ``pwrite``
+    release the GIL).
 
-    At most ``depth`` chunks are in flight, which bounds host and device memory.
+    Chunks of one tensor reach ``sink`` in order (each waits for the one
+    before it: a tensor's sha256 is a stream); different tensors go in
+    parallel. At most ``workers + 1`` chunks are in flight, which bounds host
+    and device memory.
     """
 
-    def __init__(self, sink: Callable[[str, int, np.ndarray], None] | None, depth: int = 2):
+    def __init__(self, sink: Callable[[str, int, np.ndarray], None] | None, workers: int = 1):
         self.sink = sink
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="superswallow-writer")
+        self.slots = threading.Semaphore(workers + 1)
+        self.last: dict[str, Future] = {}  # each tensor's latest chunk
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="superswallow-writer", daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
+    def _run(self, before: Future | None, item) -> None:
+        try:
+            if before is not None:
+                before.result()  # submitted earlier, so already running: never a deadlock
             if self.error is not None:
-                continue  # drain after a failure
+                return  # drain after a failure
             ctx, a, b, res = item
-            try:
-                arr = np.asarray(res)[: b - a]
-                if self.sink is not None:
-                    self.sink(ctx.step.name, a, arr)
-                ctx.release(a, b)  # only now: XLA may read the mapped input until the result exists
-            except BaseException as e:  # re-raised on the main thread
-                self.error = e
+            arr = np.asarray(res)[: b - a]
+            if self.sink is not None:
+                self.sink(ctx.step.name, a, arr)
+            ctx.release(a, b)  # only now: XLA may read the mapped input until the result exists
+        except BaseException as e:  # re-raised on the main thread
+            self.error = self.error or e
+        finally:
+            self.slots.release()
 
     def put(self, item) -> None:
-        self.queue.put(item)
+        self.slots.acquire()
         if self.error is not None:
+            self.slots.release()
             self.close()
+        name = item[0].step.name
+        before = self.last.get(name)
+        if before is None and len(self.last) > 64:  # forget finished tensors
+            self.last = {n: f for n, f in self.last.items() if not f.done()}
+        self.last[name] = self.pool.submit(self._run, before, item)
 
     def close(self) -> None:
         """Wait for every chunk to be written; re-raise a writer error."""
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
+        self.pool.shutdown(wait=True)
+        self.last.clear()
         if self.error is not None:
             raise self.error
 
@@ -93,9 +105,10 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
     """
     chunk = chunk_size(opts.chunk_elems or default_chunk_elems())
     budget = default_pass_cache_bytes() if opts.pass_cache_bytes is None else opts.pass_cache_bytes
-    fetch = InputFetcher(plan)
+    threads = opts.io_threads or default_io_threads()
+    fetch = InputFetcher(plan, threads)
     placement = Placement.local()
-    writer = _Sink(sink)
+    writer = _Sink(sink, threads)
     try:
         steps = plan.steps if order is None else [plan.steps[i] for i in order]
         for k, step in enumerate(steps):
@@ -111,4 +124,7 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
                     progress(out_bytes * (b - a))
             yield step
     finally:
-        writer.close()
+        try:
+            writer.close()
+        finally:
+            fetch.close()

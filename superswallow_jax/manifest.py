@@ -111,7 +111,8 @@ class StreamHasher:
 
     Use as (or inside) an executor sink: ``feed(name, flat_offset, array)``,
     which returns the tensor's digest once its last element has arrived
-    (else None).
+    (else None). Different tensors may be fed from different threads at once
+    (each tensor's state is its own); one tensor's chunks come in order.
     """
 
     def __init__(self, specs: Mapping[str, tuple[str, tuple[int, ...]]]):

@@ -10,6 +10,7 @@ without writing, for ``verify``.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -81,19 +82,21 @@ def _write_tensors(plan: Plan, output: Output, opts: MergeOptions, progress, ord
         inputs = mf.InputHasher(mf.input_files(plan)).start() if (opts.digests and opts.hash_inputs and main) else None
         steps = [i for i in (order if order is not None else range(len(plan.steps))) if plan.steps[i].name in specs]
 
-        finished = [0]
+        finished, lock = [0], threading.Lock()
 
-        def sink(name, offset, data):
+        def sink(name, offset, data):  # on the writer lanes: different tensors at once
             writer.write(name, offset, data)
             if hasher is not None:
                 done = hasher.feed(name, offset, data)
                 if done is not None:
                     journal.add(name, done)
-                    finished[0] += 1
-                    crash_point(f"{stage}/tensor-{finished[0]}" if stage else f"tensor-{finished[0]}")
+                    with lock:
+                        finished[0] += 1
+                        n = finished[0]
+                    crash_point(f"{stage}/tensor-{n}" if stage else f"tensor-{n}")
 
-        for _ in iter_results(plan, ExecOptions(opts.seed, opts.chunk_elems, opts.pass_cache_bytes, stage), progress,
-                              steps, sink=sink):
+        exe = ExecOptions(opts.seed, opts.chunk_elems, opts.pass_cache_bytes, stage, opts.io_threads)
+        for _ in iter_results(plan, exe, progress, steps, sink=sink):
             pass
         digests = {n: mf.TensorDigest(n, plan.step(n).out_dtype, plan.step(n).shape, sha) for n, sha in kept.items()}
         digests.update(hasher.digests() if hasher is not None else {})
@@ -133,7 +136,8 @@ def verify_stream(cfg: MergeConfig, opts: MergeOptions = MergeOptions(), select=
         order = [i for i, s in enumerate(plan.steps) if select is None or select(s.name)]
         specs = {plan.steps[i].name: (plan.steps[i].out_dtype, plan.steps[i].shape) for i in order}
         hasher = mf.StreamHasher(specs)
-        for _ in iter_results(plan, ExecOptions(opts.seed, opts.chunk_elems, stage=stage), progress, order,
+        exe = ExecOptions(opts.seed, opts.chunk_elems, stage=stage, io_threads=opts.io_threads)
+        for _ in iter_results(plan, exe, progress, order,
                               sink=hasher.feed):
             pass
         return hasher.digests()

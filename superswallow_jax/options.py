@@ -34,6 +34,8 @@ class MergeOptions:
     digests: bool = _opt(True, "sha256 of inputs, output tensors and small files in the manifest")
     file_digests: bool = _opt(False, "also the sha256 of each weight shard file")
     hash_inputs: bool = _opt(True, "sha256 of the input files (cached)")
+    io_threads: int | None = _opt(None, "threads that read input chunks, and threads that hash and write output "
+                                        "chunks (default: the host's cores, at most 8)")
 
     def __post_init__(self) -> None:
         if type(self.seed) is not int or self.seed < 0:
@@ -42,6 +44,8 @@ class MergeOptions:
             raise ConfigError(f"shard size: must be a positive number of bytes, got {self.shard_size!r}")
         if self.chunk_elems is not None and (type(self.chunk_elems) is not int or self.chunk_elems <= 0):
             raise ConfigError(f"chunk elements: must be a positive integer, got {self.chunk_elems!r}")
+        if self.io_threads is not None and (type(self.io_threads) is not int or not 1 <= self.io_threads <= 256):
+            raise ConfigError(f"io threads: must be an integer in [1, 256], got {self.io_threads!r}")
         if self.pass_cache_bytes is not None and self.pass_cache_bytes < 0:
             raise ConfigError(f"pass cache budget must be >= 0 bytes, got {self.pass_cache_bytes} (--pass-cache-mb)")
 

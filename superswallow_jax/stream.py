@@ -9,6 +9,8 @@ share a few power-of-two buckets.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
@@ -33,6 +35,19 @@ T = TypeVar("T")
 def default_chunk_elems() -> int:
     """The chunk size for JAX's default backend (see :data:`CPU_CHUNK_ELEMS`)."""
     return CPU_CHUNK_ELEMS if jax.default_backend() == "cpu" else DEFAULT_CHUNK_ELEMS
+
+
+def default_io_threads() -> int:
+    """Reader and writer threads: the cores this process may run on, at most 8.
+
+    ``pread``, ``pwrite`` and sha256 release the GIL, so threads scale until
+    the disk or the memory bus is the limit.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))  # what taskset / cgroups allow, not the whole host
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
 
 
 def chunk_size(chunk_elems: int) -> int:
@@ -65,11 +80,35 @@ class InputFetcher:
     vocabulary-aligned embeddings, the re-ordered rows).
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, threads: int = 1):
         self.plan = plan
         self.buffers = HostBuffers()
         #: padding means of vocabulary-aligned embeddings (EmbeddingAlignment.padding_row)
         self.pad_rows: dict = {}
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="superswallow-reader")
+        #: (tensor, a, b, n) -> the reads of a chunk started ahead of time (at most one)
+        self.ahead: dict[tuple, list[Future]] = {}
+
+    def start(self, step: Step, a: int, b: int, n: int) -> list[Future]:
+        """Start reading every source's elements [a, b) (padded to ``n``) on the pool."""
+        return [self.pool.submit(self.padded, step, i, a, b, n) for i in range(len(step.sources))]
+
+    def read(self, step: Step, a: int, b: int, n: int, then: tuple[int, int] | None) -> list[np.ndarray]:
+        """Every source's elements [a, b), padded to ``n`` (pooled buffers; see :meth:`padded`).
+
+        The reads run in parallel; ``then`` (the next chunk's [a, b)) is
+        started before this call returns, so the disk works on it while this
+        chunk is merged. The bytes are those of :meth:`padded` whatever the pool.
+        """
+        futures = self.ahead.pop((step.name, a, b, n), None) or self.start(step, a, b, n)
+        self.ahead.clear()  # a read-ahead nobody took (a pass ended): drop it
+        if then is not None:
+            self.ahead[(step.name, *then, n)] = self.start(step, *then, n)
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self.ahead.clear()
+        self.pool.shutdown(wait=True)
 
     def _view(self, step: Step, i: int) -> np.ndarray:
         src = step.sources[i]
@@ -200,12 +239,11 @@ class StepContext(ChunkPasses):
             yield a, min(n, a + self.chunk)
 
     def _read(self, a: int, b: int) -> list:
-        if b < self.step.numel:
-            self.fetch.prefetch(self.step, b, min(self.step.numel, b + self.chunk))
-        return [
-            self.placement.put(self.fetch.padded(self.step, i, a, b, self.bucket))
-            for i in range(len(self.step.sources))
-        ]
+        n = self.step.numel
+        then = (b, min(n, b + self.chunk)) if b < n else None
+        if then is not None and then[1] < n:  # and a kernel hint for the chunk after that (cold inputs)
+            self.fetch.prefetch(self.step, then[1], min(n, then[1] + self.chunk))
+        return [self.placement.put(x) for x in self.fetch.read(self.step, a, b, self.bucket, then)]
 
     def inputs(self, a: int, b: int) -> list:
         """Every source's elements [a, b), zero-padded to the bucket, placed on the device(s).

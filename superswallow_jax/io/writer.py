@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -161,6 +162,7 @@ class ShardedWriter:
         self._where: dict[str, tuple[int, int]] = {}
         self._fds: list[int] = []
         self._written = [0] * len(self.layouts)
+        self._lock = threading.Lock()
         self._ranges: dict[str, list[tuple[int, int]]] = {}  # element ranges written per tensor
         # sha256 of each file, fed while writes arrive in file order (else recomputed at the end)
         self._sha = [hashlib.sha256(lay.header) for lay in self.layouts]
@@ -231,13 +233,14 @@ class ShardedWriter:
             raise ValueError(f"{name}: write [{flat_offset}, {end}) outside the tensor")
         buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
         pos = base + flat_offset * dt.itemsize
-        if self._sha_pos[shard] is None:
-            pass
-        elif self._sha_pos[shard] == pos:
-            self._sha[shard].update(buf)
-            self._sha_pos[shard] = pos + len(buf)
-        elif len(buf):
-            self._sha_pos[shard] = None  # out of order: hash the file at the end
+        with self._lock:  # writer lanes write different tensors at once (pwrite needs no lock)
+            if self._sha_pos[shard] is None:
+                pass
+            elif self._sha_pos[shard] == pos:
+                self._sha[shard].update(buf)
+                self._sha_pos[shard] = pos + len(buf)
+            elif len(buf):
+                self._sha_pos[shard] = None  # out of order: hash the file at the end
         while len(buf):
             try:
                 n = os.pwrite(self._fds[shard], buf, pos)
@@ -245,14 +248,17 @@ class ShardedWriter:
                 raise OutputError(f"{self.staging / self.layouts[shard].filename}: cannot write: {e.strerror or e}") from None
             buf = buf[n:]
             pos += n
-        self._written[shard] += data.nbytes
-        if self._writeback:
-            self._dirty[shard] += data.nbytes
-            if self._dirty[shard] >= WRITEBACK_EVERY:
-                self._dirty[shard] = 0
-                start_writeback()(self._fds[shard], 0, 0)  # whole file: only dirty pages are queued
-        if data.size:
-            self._ranges.setdefault(name, []).append((flat_offset, end))
+        with self._lock:
+            self._written[shard] += data.nbytes
+            kick = False
+            if self._writeback:
+                self._dirty[shard] += data.nbytes
+                if self._dirty[shard] >= WRITEBACK_EVERY:
+                    self._dirty[shard], kick = 0, True
+            if data.size:
+                self._ranges.setdefault(name, []).append((flat_offset, end))
+        if kick:
+            start_writeback()(self._fds[shard], 0, 0)  # whole file: only dirty pages are queued
 
     def file_sha256(self) -> dict[str, str]:
         """sha256 of each shard file (call after :meth:`finish`). Computed while
