@@ -14,6 +14,12 @@ every command runs under ``/usr/bin/time -v`` for peak RSS and CPU time):
   ``--no-fsync --no-digests`` (no sha256 of inputs or outputs).
 * ``mergekit`` -- ``mergekit-yaml CONFIG OUT --random-seed 0 --quiet
   --no-write-model-card`` on the same configs (only with ``--mergekit PATH``).
+* ``disk-floor`` -- ``bench/disk_floor.py``: every input read in parallel, and an
+  output of one input's size written with fsync; reported as the larger of the
+  two (perfect overlap) and their sum (none), with our merges against both.
+* ``scaling``  -- ``bench/merge_probe.py`` (no fsync) pinned to one core
+  (``taskset -c 0``) and on every core: the streaming loop's wall time (first
+  chunk to last) and CPU seconds per thread role (main, reader, writer, xla).
 * ``startup``  -- ``python -c pass``, ``import jax``, ``import superswallow_jax.merge``,
   ``superswallow --help`` and a merge of the ``tiny`` preset (plus its time to
   first chunk via the probe).
@@ -27,7 +33,7 @@ returned to the host make the first run after a pause 2-3 s slower); inputs
 are re-read into the page cache before every round.
 
     python bench/bench_merge.py [--models DIR] [--repeat 3] [--mergekit PATH]
-                                [--only floor,ours,ours-lib,mergekit,startup]
+                                [--only floor,ours,ours-lib,mergekit,scaling,startup]
                                 [--recipes superswallow,dare-d0.5] [--configs CONFIG ...]
                                 [--work DIR] [--keep] [--cold]
 
@@ -57,7 +63,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-GROUPS = ("floor", "ours", "ours-lib", "mergekit", "startup")
+GROUPS = ("floor", "ours", "ours-lib", "mergekit", "scaling", "startup")
 RECIPES = {
     "superswallow": REPO / "configs" / "superswallow-tiny.yaml",
     "dare-d0.5": REPO / "configs" / "examples" / "dare-ties-d05.yaml",
@@ -298,6 +304,9 @@ def build_jobs(args, work: Path, models: Path, tiny: Path | None, recipes: dict[
     if "floor" in only:
         out = work / "floor.safetensors"
         jobs.append(Job("io-floor", "floor", [py, str(BENCH / "io_floor.py"), str(sw), str(tu), str(out)], out=out))
+        dout = work / "disk-floor.bin"
+        jobs.append(Job("disk-floor", "floor", [py, str(BENCH / "disk_floor.py"), str(dout), str(sw), str(tu)],
+                        out=dout))
     floor = "io-floor" if "floor" in only else None
     cfgs = {r: rewrite_config(src, models, work / f"{r}.yaml") for r, src in recipes.items()}
     for r, cfg in cfgs.items():
@@ -313,13 +322,19 @@ def build_jobs(args, work: Path, models: Path, tiny: Path | None, recipes: dict[
             jobs.append(Job(f"ours {r} (--no-fsync --no-digests)", "ours-lib",
                             [cli, "merge", str(cfg), str(out2), "--force", "-q", "--no-fsync", "--no-digests"],
                             floor, out2))
+        if "scaling" in only:  # the streaming loop on one core, then on every core (probe: loop time, thread CPU)
+            for label, pin in (("1 core", ["taskset", "-c", "0"]), ("all cores", [])):
+                out = work / f"out-scale-{r}-{len(pin)}"
+                jobs.append(Job(f"probe {r} ({label})", "scaling",
+                                [*pin, py, str(BENCH / "merge_probe.py"), str(cfg), str(out), "--no-fsync",
+                                 "--t0", "{T0}"], None, out))
         if "mergekit" in only and args.mergekit:
             out = work / f"out-mergekit-{r}"
             jobs.append(Job(f"mergekit {r}", "mergekit",
                             [args.mergekit, str(cfg), str(out), "--random-seed", "0", "--quiet",
                              "--no-write-model-card"], floor, out))
     for j in jobs:
-        j.section = j.name.split()[1] if j.group in ("ours", "ours-lib", "mergekit") else j.group
+        j.section = j.name.split()[1] if j.group in ("ours", "ours-lib", "mergekit", "scaling") else j.group
     if "startup" in only:
         jobs.append(Job("python -c pass", "startup", [py, "-c", "pass"]))
         base = "python -c pass"
@@ -350,6 +365,55 @@ def med(xs):
 
 def fmt(x, spec=".2f", none="-"):
     return none if x is None else format(x, spec)
+
+
+def _probe_json(job: Job) -> list[dict]:
+    out = []
+    for r in job.runs:
+        if r.ok:
+            try:
+                out.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
+def floor_report(jobs: list[Job], medians: dict) -> None:
+    """The disk floor (parallel reads; a same-size write with fsync) and our merges against it."""
+    disk = next((j for j in jobs if j.name == "disk-floor"), None)
+    runs = _probe_json(disk) if disk else []
+    if not runs:
+        return
+    mx, sm = med([x["max_s"] for x in runs]), med([x["sum_s"] for x in runs])
+    print(f"\ndisk floor (median): read {med([x['read_s'] for x in runs]):.3f} s, write+fsync "
+          f"{med([x['write_s'] for x in runs]):.3f} s; larger {mx:.3f} s, sum {sm:.3f} s")
+    for j in jobs:
+        m = medians.get(j.name)
+        if j.group in ("ours", "mergekit") and m:
+            print(f"  {j.name:<44} {m:.3f} s = {m / mx:.2f}x the larger, {m / sm:.2f}x the sum")
+
+
+def scaling_report(jobs: list[Job]) -> None:
+    """Probe runs: the streaming loop's wall (first chunk to last) and CPU seconds per thread role."""
+    lines = []
+    for j in jobs:
+        runs = _probe_json(j)
+        if not runs or "merge_probe.py" not in " ".join(j.argv):
+            continue
+        loop = med([x["marks"]["loop_done"] - x["marks"]["first_chunk"] for x in runs])
+        roles = runs[len(runs) // 2].get("threads_cpu_s") or {}
+        parts = ", ".join(f"{k} {v['total']:.2f} (busiest {v['busiest']:.2f}, {v['threads']})" for k, v in roles.items())
+        lines.append((j, loop, parts))
+    if not lines:
+        return
+    print("\nstreaming loop (first chunk to last, median s) and CPU s by thread role (a middle run):")
+    for j, loop, parts in lines:
+        print(f"  {j.name:<44} loop {loop:.3f} s;  {parts}")
+    for j, loop, _ in lines:
+        if j.name.endswith("(1 core)"):
+            other = next((x for x in lines if x[0].name == j.name.replace("(1 core)", "(all cores)")), None)
+            if other and other[1]:
+                print(f"  {j.name.removesuffix(' (1 core)')}: 1 core / all cores = {loop / other[1]:.2f}x")
 
 
 def report(jobs: list[Job]) -> None:
@@ -411,6 +475,9 @@ def report(jobs: list[Job]) -> None:
         print(f"  {'':<{w}}" + "".join(f"{k:>12}" for k in
                                         ["python_up", "imported", "planned", "first_chunk", "loop_done", "done"]))
         print("\n".join(phase_lines))
+
+    floor_report(jobs, medians)
+    scaling_report(jobs)
 
     loads = [r.load for j in jobs for r in j.runs]
     if loads:

@@ -17,10 +17,11 @@ first line), so they include interpreter start-up:
 * ``loop_done``: the last chunk was dispatched (streaming phase over);
 * ``done``: ``run_merge`` returned (digests, manifest, fsync, renames).
 
-``cpu_s`` gives the CPU seconds that ``run_merge`` took: on the main thread
-(plan, reads, dispatch), on the writer thread (waiting for results, ``pwrite``,
-sha256) and in the whole process (XLA's threads too). A thread whose CPU time
-is close to the streaming phase's wall time bounds the loop.
+``cpu_s`` gives the CPU seconds that ``run_merge`` took on the main thread
+(plan, dispatch) and in the whole process; ``threads_cpu_s`` splits them by
+thread role (:class:`ThreadCpu`: main, reader, writer, hash-in, xla), with
+each role's busiest thread. A thread whose CPU time is close to the
+streaming phase's wall time (``loop_done - first_chunk``) bounds the loop.
 
 It uses the persistent compilation cache and the malloc thresholds as the CLI
 does (``SUPERSWALLOW_CACHE=off`` to measure cold compiles,
@@ -45,6 +46,73 @@ from pathlib import Path  # noqa: E402
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class ThreadCpu:
+    """CPU seconds per thread role, sampled from ``/proc/self/task`` every 20 ms (Linux).
+
+    Roles from the Python thread names: ``main``, ``reader`` (input chunks),
+    ``writer`` (writer lanes: result wait, pwrite, sha256), ``hash-in`` (input
+    file digests); threads Python does not know are ``xla`` (XLA's compute and
+    runtime threads). For each role: the total and its busiest thread's share
+    (a thread near the loop's wall time bounds the loop).
+    """
+
+    def __init__(self):
+        import os
+        import threading
+
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._last: dict[int, float] = {}
+        self._names: dict[int, str] = {}
+        self._base = self._sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="probe-sampler", daemon=True)
+
+    def _sample(self) -> dict[int, float]:
+        import os
+        import threading
+
+        for t in threading.enumerate():
+            if t.native_id is not None:
+                self._names[t.native_id] = t.name
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[int(tid)] = (int(fields[11]) + int(fields[12])) / self._tick
+            except (OSError, IndexError, ValueError):
+                continue
+        self._last.update(out)
+        return out
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def start(self) -> "ThreadCpu":
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _role(name: str | None) -> str:
+        if name is None:
+            return "xla"
+        for role in ("reader", "writer", "hash-in", "sampler"):
+            if role in name:
+                return role
+        return "main" if name == "MainThread" else "other-python"
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        roles: dict[str, list[float]] = {}
+        for tid, cpu in self._last.items():
+            roles.setdefault(self._role(self._names.get(tid)), []).append(cpu - self._base.get(tid, 0.0))
+        return {r: {"total": round(sum(v), 2), "busiest": round(max(v), 2), "threads": len(v)}
+                for r, v in sorted(roles.items())}
 
 
 def main() -> None:
@@ -85,20 +153,7 @@ def main() -> None:
         mf.StreamHasher.feed = lambda self, name, offset, data: None
         mf.file_sha256 = lambda path: "0" * 64
     state = {"first": None, "last": None, "bytes": 0}
-    # CPU seconds of the writer thread(s) (each merge has one), to tell which
-    # thread bounds the streaming loop where cores are to spare (GPU hosts).
-    from superswallow_jax import execute
-
-    writer_cpu: list[float] = []
-    sink_run = execute._Sink._run
-
-    def timed_run(self, _run=sink_run):
-        try:
-            _run(self)
-        finally:
-            writer_cpu.append(time.thread_time())
-
-    execute._Sink._run = timed_run
+    threads = ThreadCpu().start()  # which thread bounds the streaming loop
 
     def on_plan(_plan):
         marks["planned"] = time.time() - t0
@@ -118,7 +173,8 @@ def main() -> None:
     marks["first_chunk"] = state["first"]
     marks["loop_done"] = state["last"]
     marks["done"] = time.time() - t0
-    cpu = {"main": time.thread_time() - main_cpu0, "writer": sum(writer_cpu), "process": time.process_time() - proc_cpu0}
+    roles = threads.stop()
+    cpu = {"main": time.thread_time() - main_cpu0, "process": time.process_time() - proc_cpu0}
     import jax
 
     stats = jax.local_devices()[0].memory_stats() or {}  # None on some backends
@@ -126,6 +182,7 @@ def main() -> None:
         "backend": jax.default_backend(), "device_peak_bytes": stats.get("peak_bytes_in_use"),
         "marks": {k: (round(v, 4) if v is not None else None) for k, v in marks.items()},
         "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
+        "threads_cpu_s": roles,
         "tensors": res.tensors, "bytes_written": res.bytes_written, "output_bytes": state["bytes"],
     }))
 
