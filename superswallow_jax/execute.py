@@ -112,8 +112,8 @@ def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] 
     try:
         steps = plan.steps if order is None else [plan.steps[i] for i in order]
         for k, step in enumerate(steps):
-            if k + 1 < len(steps):  # read-ahead hint for the next tensor's first chunk
-                fetch.prefetch(steps[k + 1], 0, min(steps[k + 1].numel, chunk))
+            if k + 1 < len(steps):  # read-ahead hint for the next tensor's first window
+                fetch.prefetch(steps[k + 1], 0, min(steps[k + 1].numel, fetch.window(steps[k + 1])))
             ctx = StepContext(plan, step, opts.seed, chunk, bucket_for(step.numel, chunk), fetch, placement,
                               PassCache(budget), opts.stage)
             program = programs.prepare(ctx)

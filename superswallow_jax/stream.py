@@ -37,6 +37,12 @@ def default_chunk_elems() -> int:
     return CPU_CHUNK_ELEMS if jax.default_backend() == "cpu" else DEFAULT_CHUNK_ELEMS
 
 
+#: How far ahead of the chunk being read the kernel is asked to read each source
+#: (``posix_fadvise(WILLNEED)``; only once reads found the inputs cold). Page
+#: cache, not process memory: deep enough to keep several disk reads in flight.
+READ_AHEAD_BYTES = 64 << 20
+
+
 def default_io_threads() -> int:
     """Reader and writer threads: the cores this process may run on, at most 8.
 
@@ -88,6 +94,8 @@ class InputFetcher:
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="superswallow-reader")
         #: (tensor, a, b, n) -> the reads of a chunk started ahead of time (at most one)
         self.ahead: dict[tuple, list[Future]] = {}
+        #: tensor -> the element up to which the kernel was asked to read ahead
+        self.hinted: dict[str, int] = {}
 
     def start(self, step: Step, a: int, b: int, n: int) -> list[Future]:
         """Start reading every source's elements [a, b) (padded to ``n``) on the pool."""
@@ -165,9 +173,24 @@ class InputFetcher:
             yield self.plan.models[src.model].checkpoint.file(src.tensor), src.tensor, lo * isz, hi * isz
 
     def prefetch(self, step: Step, a: int, b: int) -> None:
-        """Start reading every source's elements [a, b) in the background (a kernel hint)."""
-        for f, info, lo, hi in self._spans(step, a, b):
+        """Start reading every source's elements [a, b) in the background (a kernel hint).
+
+        Ranges already hinted for this step are not hinted again (the
+        window moves forward chunk by chunk).
+        """
+        done = self.hinted.get(step.name, 0)
+        if b <= done:
+            return
+        if len(self.hinted) > 8:  # only the current and next tensors matter
+            self.hinted = {}
+        self.hinted[step.name] = b
+        for f, info, lo, hi in self._spans(step, max(a, done), b):
             f.prefetch(info, lo, hi)
+
+    def window(self, step: Step) -> int:
+        """Elements of ``step`` to hint ahead of the chunk being read: READ_AHEAD_BYTES of its widest source."""
+        isz = max(src.tensor.np_dtype.itemsize for src in step.sources)
+        return max(1, READ_AHEAD_BYTES // isz)
 
     def release(self, step: Step, a: int, b: int) -> None:
         """Unmap the pages of the consumed input range [a, b) (MADV_DONTNEED).
@@ -241,8 +264,8 @@ class StepContext(ChunkPasses):
     def _read(self, a: int, b: int) -> list:
         n = self.step.numel
         then = (b, min(n, b + self.chunk)) if b < n else None
-        if then is not None and then[1] < n:  # and a kernel hint for the chunk after that (cold inputs)
-            self.fetch.prefetch(self.step, then[1], min(n, then[1] + self.chunk))
+        if then is not None and then[1] < n:  # and a kernel hint for the window after that (cold inputs)
+            self.fetch.prefetch(self.step, then[1], min(n, then[1] + self.fetch.window(self.step)))
         return [self.placement.put(x) for x in self.fetch.read(self.step, a, b, self.bucket, then)]
 
     def inputs(self, a: int, b: int) -> list:

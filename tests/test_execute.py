@@ -103,3 +103,26 @@ tokenizer_source: union
             assert not piped.ahead  # the last chunk starts nothing
         piped.close()
         plain.close()
+
+
+def test_read_ahead_hints_move_forward_and_are_never_repeated(tmp_path, monkeypatch):
+    from superswallow_jax.config import parse_config
+    from superswallow_jax.io.tensor_file import TensorFile
+    from superswallow_jax.plan import build_plan
+    from superswallow_jax.stream import InputFetcher
+    from superswallow_jax.tiny import make_tiny_models
+
+    calls = []
+    monkeypatch.setattr(TensorFile, "prefetch", lambda self, info, lo, hi: calls.append((info.name, lo, hi)))
+    models = make_tiny_models(tmp_path / "m", models=["tulu"])
+    cfg = parse_config(f"models:\n  - model: {models['tulu']}\n    parameters: {{weight: 1}}\nmerge_method: linear\n")
+    with build_plan(cfg) as plan:
+        fetch = InputFetcher(plan)
+        step = next(s for s in plan.steps if s.numel >= 4096 and not s.embed)
+        fetch.prefetch(step, 0, 1000)
+        fetch.prefetch(step, 500, 3000)  # only [1000, 3000) is new
+        fetch.prefetch(step, 0, 2000)  # nothing new
+        isz = step.sources[0].tensor.np_dtype.itemsize
+        assert calls == [(step.sources[0].tensor.name, 0, 1000 * isz), (step.sources[0].tensor.name, 1000 * isz, 3000 * isz)]
+        assert fetch.window(step) == (64 << 20) // isz
+        fetch.close()
