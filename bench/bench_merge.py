@@ -505,6 +505,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=Path("/tmp/ssj-bench-models"),
                     help="folder for the 1.3gb pair (made if missing, reused if present)")
+    ap.add_argument("--preset", default="1.3gb", choices=("1.3gb", "7b"),
+                    help="size of the pair made in --models when missing (7b: Llama-2-7B shapes, 13.5 GB each)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder for configs and outputs (default: a temp dir)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable")
@@ -555,7 +557,7 @@ def main() -> None:
         recipes[c.stem] = c
     models = args.models.resolve()
     needed = {"swallow", "tulu"}.union(*(config_models(c) for c in recipes.values()))
-    ensure_models(models, "1.3gb", tuple(sorted(needed)))
+    ensure_models(models, args.preset, tuple(sorted(needed)))
     tiny = None
     if "startup" in args.only:
         tiny = models / "tiny"

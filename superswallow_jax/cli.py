@@ -229,7 +229,7 @@ def plan(
 @app.command()
 def tiny(
     out: Path = typer.Argument(Path("models"), help="folder for the tiny models"),
-    preset: str = typer.Option("tiny", help="tiny (seconds) or 1.3gb (a ~1.3 GB pair for speed/memory work)"),
+    preset: str = typer.Option("tiny", help="tiny (seconds), 1.3gb (a ~1.3 GB pair for speed/memory work) or 7b (Llama-2-7B shapes, 13.5 GB per model, for big hosts)"),
     seed: int = typer.Option(0, help="generator seed"),
     model: Optional[list[str]] = typer.Option(None, "--model", help="only this model (repeatable; default: all four for tiny, swallow and tulu for 1.3gb)"),
     published: bool = typer.Option(False, "--published", help="save llama, swallow and tulu as the real repos are: .bin weights for llama and tulu (sharded), safetensors for swallow, sentencepiece-only tokenizers"),

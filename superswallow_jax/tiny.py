@@ -147,10 +147,11 @@ class TinyPreset:
                 "hermes": self.hermes_delta}.get(model, 0.0)
 
 
-#: ``"tiny"`` (default, ~0.5 MB per model, for tests) and ``"1.3gb"``
+#: ``"tiny"`` (default, ~0.5 MB per model, for tests), ``"1.3gb"``
 #: (TinyLlama-like width, 11 layers, real Llama-2 / Swallow vocabulary sizes:
 #: swallow 1.32 GB and tulu 1.23 GB in bf16, both in shards of <= 400 MB;
-#: llama and hermes are skipped unless asked for).
+#: llama and hermes are skipped unless asked for) and ``"7b"`` (Llama-2-7B's
+#: shapes: swallow 13.7 GB, tulu 13.5 GB in bf16, in 5 GB / 4 GB shards).
 PRESETS: dict[str, TinyPreset] = {
     "tiny": TinyPreset(
         hidden_size=64,
@@ -173,6 +174,18 @@ PRESETS: dict[str, TinyPreset] = {
         ext_vocab=11176,
         max_shard_bytes=400_000_000,
         tulu_shard_bytes=400_000_000,
+        models=("swallow", "tulu"),
+    ),
+    "7b": TinyPreset(  # Llama-2-7B's shapes, for throughput on a big host (13.5 GB per model)
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        base_vocab=32000,
+        ext_vocab=11176,
+        max_shard_bytes=5_000_000_000,
+        tulu_shard_bytes=4_000_000_000,
         models=("swallow", "tulu"),
     ),
 }
@@ -788,7 +801,7 @@ def make_tiny_models(
         out_dir: parent folder; each model goes to ``out_dir / name``. A model
             folder that already exists is replaced only if it was made by this
             module (else :class:`FileExistsError`).
-        preset: a key of :data:`PRESETS` (``"tiny"`` or ``"1.3gb"``).
+        preset: a key of :data:`PRESETS` (``"tiny"``, ``"1.3gb"`` or ``"7b"``).
         seed: non-negative int; the same seed gives byte-identical files.
         progress: optional callback receiving one-line progress messages.
         models: which of :data:`MODEL_NAMES` to build (default: the preset's

@@ -280,6 +280,18 @@ def test_1p3gb_preset_vocab_and_layout_without_generating():
     assert p.models == ("swallow", "tulu")
 
 
+def test_7b_preset_has_llama2_7b_shapes_without_generating():
+    p = PRESETS["7b"]
+    for model, rows in (("swallow", 43176), ("tulu", 32000)):
+        shapes = llama_tensor_shapes(p, rows)
+        params = sum(int(np.prod(s)) for _, s in shapes)
+        # Llama-2-7B has 6,738,415,616 parameters; Swallow adds 11176 rows to embed_tokens and lm_head
+        assert params == 6_738_415_616 + 2 * (rows - 32000) * 4096
+        shards = tiny._plan_shards(shapes, p.max_shard_bytes)
+        assert len(shards) == 3
+    assert dict(shapes)["model.layers.31.mlp.up_proj.weight"] == (11008, 4096)
+
+
 # ---------------------------------------------------------------- values
 
 def test_value_statistics(weights):
