@@ -83,40 +83,50 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _dtype_code(name: Optional[str]) -> Optional[str]:
-    if name is None:
-        return None
-    from superswallow_jax.dtypes import config_code
-    from superswallow_jax.errors import ConfigError
+def _merge_options(command):
+    """Give ``command`` one option per :class:`MergeOptions` field, generated from the
+    field (flag, type, default, help: ``MergeOptions.cli_flags``); it receives their
+    raw values as ``options`` (``MergeOptions.from_cli`` parses them)."""
+    import functools
+    import inspect
 
-    code = config_code(name)
-    if code is None:
-        raise ConfigError(f"--out-dtype: unsupported dtype {name!r} (use float32, float16 or bfloat16)")
-    return code
+    from superswallow_jax.options import MergeOptions
+
+    flags = MergeOptions.cli_flags()
+    sig = inspect.signature(command)
+    extra = []
+    for f in flags:
+        decl = f"{f.flag}/--no-{f.flag[2:]}" if f.type is bool else f.flag
+        kind = f.type if f.default is not None else Optional[f.type]
+        extra.append(inspect.Parameter(f.field, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                       default=typer.Option(f.default, decl, help=f.help)))
+
+    @functools.wraps(command)
+    def with_options(*args, **kwargs):
+        kwargs["options"] = {f.field: kwargs.pop(f.field) for f in flags}
+        return command(*args, **kwargs)
+
+    mine = [p for p in sig.parameters.values() if p.name != "options"]
+    with_options.__signature__ = sig.replace(parameters=[*mine, *extra])
+    with_options.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "options"},
+                                    **{p.name: p.annotation for p in extra}}
+    return with_options
 
 
 @app.command()
+@_merge_options
 def merge(
     config: Path = typer.Argument(..., help="mergekit YAML config"),
     out: Path = typer.Argument(..., help="output model folder"),
-    seed: int = typer.Option(0, help="seed for random masks (DARE); same seed -> same bytes"),
-    shard_size: str = typer.Option("5B", help="max bytes per output shard (decimal K/M/B suffixes)"),
-    out_dtype: Optional[str] = typer.Option(None, help="override the config's out_dtype"),
-    force: bool = typer.Option(False, help="replace the merge in a non-empty output folder (only the files a merge wrote are removed) and start over instead of resuming"),
-    chunk_elems: Optional[int] = typer.Option(None, help="elements per chunk (memory knob; default 1M on the CPU, 4M on accelerators)"),
-    pass_cache_mb: Optional[int] = typer.Option(None, help="MB a multi-pass method (DARE, TIES, ...) may keep between passes instead of reading again (default 64 on the CPU; on accelerators an eighth of device memory, at most 4096; 0: none)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-    io_threads: Optional[int] = typer.Option(None, help="threads reading input chunks, and threads hashing and writing output chunks (default: this process's cores, at most 8; the bytes never depend on it)"),
-    fsync: bool = typer.Option(True, help="fsync output files before renaming them into place"),
-    digests: bool = typer.Option(True, help="sha256 of inputs, output tensors and small files in merge_manifest.json"),
-    file_digests: bool = typer.Option(False, help="also the sha256 of each weight shard file (one more pass over the output bytes)"),
-    input_digests: bool = typer.Option(True, help="sha256 of the input files (cached; free for Hugging Face cache files; otherwise one more read of every input)"),
     coordinator: Optional[str] = typer.Option(None, help="multi-process: HOST:PORT of process 0's coordinator"),
     num_processes: Optional[int] = typer.Option(None, help="multi-process: number of processes"),
     process_id: Optional[int] = typer.Option(None, help="multi-process: this process's index"),
     distributed: bool = typer.Option(False, help="multi-process: take the set-up from the environment (TPU pods, SLURM)"),
     intermediate_dir: Optional[Path] = typer.Option(None, help="multi-stage recipes: where the stages before the last go (default: .OUT.superswallow-stages beside OUT)"),
     keep_intermediate: bool = typer.Option(False, help="multi-stage recipes: keep every stage's output (default: delete each once no later stage reads it)"),
+    *,
+    options: dict,  # --seed, --shard-size, ...: one option per MergeOptions field (_merge_options)
 ) -> None:
     """Merge the models of CONFIG into the folder OUT.
 
@@ -127,7 +137,6 @@ def merge(
     """
     from superswallow_jax.devices import init_distributed
     from superswallow_jax.errors import ConfigError, SuperswallowError
-    from superswallow_jax.io.writer import parse_size
     from superswallow_jax.merge import run_merge
     from superswallow_jax.options import MergeOptions
     from superswallow_jax.recipe import load_recipe, run_recipe
@@ -139,11 +148,7 @@ def merge(
         _streaming_setup()
         procs = init_distributed(coordinator, num_processes, process_id, distributed)
         recipe = load_recipe(config)
-        opts = MergeOptions(
-            seed=seed, shard_size=parse_size(shard_size), out_dtype=_dtype_code(out_dtype), force=force,
-            chunk_elems=chunk_elems, pass_cache_bytes=None if pass_cache_mb is None else pass_cache_mb * (1 << 20),
-            fsync=fsync, digests=digests, file_digests=file_digests, hash_inputs=input_digests, io_threads=io_threads,
-        )
+        opts = MergeOptions.from_cli(options)
         bar = _Bar(quiet or not procs.is_main)
         say = lambda line: typer.echo(line, err=True)  # noqa: E731
 
