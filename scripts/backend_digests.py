@@ -33,10 +33,10 @@ if not __package__:  # run as a script: make the repository root importable
 def run(args) -> int:
     import jax
 
-    from superswallow_jax.config import load_config
     from superswallow_jax.manifest import read_manifest
     from superswallow_jax.merge import run_merge
     from superswallow_jax.options import MergeOptions
+    from superswallow_jax.recipe import load_recipe, run_recipe
 
     models = args.models.resolve()
     result = {
@@ -54,8 +54,12 @@ def run(args) -> int:
             out = Path(tmp) / "out"
             t = time.perf_counter()
             try:
-                run_merge(load_config(local), out, MergeOptions(seed=args.seed, force=True, fsync=False,
-                                                                chunk_elems=args.chunk_elems))
+                opts = MergeOptions(seed=args.seed, force=True, fsync=False, chunk_elems=args.chunk_elems)
+                recipe = load_recipe(local)  # a multi-stage recipe: every stage, the last one's digests
+                if recipe.multi:
+                    run_recipe(recipe, out, opts)
+                else:
+                    run_merge(recipe.final.config, out, opts)
             except Exception as e:  # record and go on: one broken config must not hide the others
                 result["configs"][cfg_path.name] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{cfg_path.name}: ERROR {type(e).__name__}: {e}", flush=True)

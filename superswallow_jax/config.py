@@ -322,8 +322,8 @@ def load_yaml(text: str, file: str) -> Any:
         raise ConfigError(f"{file}: the YAML is nested too deeply") from None
     docs = [d for d in docs if d is not None]
     if len(docs) > 1:
-        raise ConfigError(f"{file}: {len(docs)} YAML documents: a multi-stage (mergekit-multi) recipe; multi-stage "
-                          "merges are not supported yet, merge each stage with its own config")
+        raise ConfigError(f"{file}: {len(docs)} YAML documents: a multi-stage (mergekit-multi) recipe, not one "
+                          "config; load it with superswallow_jax.recipe.load_recipe (superswallow merge does)")
     data = docs[0] if docs else None
     if _count_values(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
         raise ConfigError(f"{file}: the config holds more than {MAX_CONFIG_VALUES:,} values once its YAML aliases "

@@ -112,10 +112,10 @@ def test_numbers_in_quotes_are_numbers_as_in_mergekit(models, tmp_path):
         build_plan(parse_config(_ta(models, 'weight: "half"')))
 
 
-def test_several_yaml_documents_say_what_is_not_supported():
+def test_several_yaml_documents_are_a_recipe_not_a_config():
     with pytest.raises(ConfigError) as ei:
         parse_config("merge_method: linear\nmodels: [{model: a}]\n---\nmerge_method: linear\nmodels: [{model: b}]\n")
-    _one_line(ei.value, "2 YAML documents", "multi-stage", "not supported yet")
+    _one_line(ei.value, "2 YAML documents", "multi-stage", "load_recipe")
 
 
 def test_deep_nesting_is_one_line_everywhere(models, tmp_path):
