@@ -25,7 +25,7 @@ _EXPORTS = {
     "MergeResult": "merge", "run_merge": "merge", "verify_stream": "merge",
     "Report": "verify", "verify_folder": "verify",
     "METHODS": "registry", "MethodSpec": "registry",
-    "Checkpoint": "io.checkpoint",
+    "Checkpoint": "io.checkpoint", "HubAccess": "io.hub",
     "folder_digests": "manifest", "model_digest": "manifest",
     "make_tiny_models": "tiny",
     "SuperswallowError": "errors", "ConfigError": "errors", "ModelError": "errors", "PlanError": "errors",

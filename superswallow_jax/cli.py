@@ -26,6 +26,10 @@ app = typer.Typer(
 )
 
 
+OFFLINE_HELP = ("never use the network: models given by Hugging Face id must be in the Hugging Face cache "
+                "(as HF_HUB_OFFLINE=1)")
+
+
 def _version(value: bool) -> None:
     if value:
         from superswallow_jax import __version__
@@ -125,6 +129,7 @@ def merge(
     distributed: bool = typer.Option(False, help="multi-process: take the set-up from the environment (TPU pods, SLURM)"),
     intermediate_dir: Optional[Path] = typer.Option(None, help="multi-stage recipes: where the stages before the last go (default: .OUT.superswallow-stages beside OUT)"),
     keep_intermediate: bool = typer.Option(False, help="multi-stage recipes: keep every stage's output (default: delete each once no later stage reads it)"),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
     *,
     options: dict,  # --seed, --shard-size, ...: one option per MergeOptions field (_merge_options)
 ) -> None:
@@ -134,9 +139,14 @@ def merge(
     mergekit-multi reads them): every stage runs in order and the last lands in
     OUT. Uses all local devices. With --coordinator/--num-processes/--process-id
     (or --distributed), each process merges and writes a share of the output shards.
+
+    A model given by Hugging Face id (org/name or org/name@revision) is read
+    from the Hugging Face cache when it is there; otherwise its config,
+    tokenizer and weights (one format) are downloaded into that cache first.
     """
     from superswallow_jax.devices import init_distributed
     from superswallow_jax.errors import ConfigError, SuperswallowError
+    from superswallow_jax.io.hub import HubAccess
     from superswallow_jax.merge import run_merge
     from superswallow_jax.options import MergeOptions
     from superswallow_jax.recipe import load_recipe, run_recipe
@@ -151,6 +161,7 @@ def merge(
         opts = MergeOptions.from_cli(options)
         bar = _Bar(quiet or not procs.is_main)
         say = lambda line: typer.echo(line, err=True)  # noqa: E731
+        hub = HubAccess(offline=offline, progress=bar.download, say=say)
 
         def one(cfg, dest, o, **stage):
             return run_merge(cfg, dest, o, progress=bar.advance, on_plan=bar.start, procs=procs, say=say, **stage)
@@ -158,9 +169,9 @@ def merge(
         try:
             if recipe.multi:
                 res = run_recipe(recipe, out, opts, intermediate_dir=intermediate_dir,
-                                 keep_intermediate=keep_intermediate, say=say, run=one)
+                                 keep_intermediate=keep_intermediate, say=say, run=one, hub=hub)
             else:
-                res = one(recipe.final.config, out, opts)
+                res = one(recipe.final.config, out, opts, hub=hub)
         finally:
             bar.stop()
         took = time.perf_counter() - t0
@@ -172,23 +183,35 @@ def merge(
 
 
 class _Bar:
-    """The merge's progress display: one bar per merge (per stage of a recipe), in output bytes."""
+    """The command's progress display, in bytes: a bar per download of a model by id
+    and a bar per merge (per stage of a recipe) in output bytes."""
 
     def __init__(self, quiet: bool):
         self.quiet, self.progress, self.task = quiet, None, None
 
-    def start(self, plan) -> None:
-        for w in plan.warnings:
-            typer.echo(f"warning: {w}", err=True)
-        if self.quiet:
-            return
+    def _display(self):
         if self.progress is None:
             from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
             self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                                      TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
             self.progress.start()
-        self.task = self.progress.add_task(f"writing {len(plan.steps)} tensors", total=plan.total_output_bytes)
+        return self.progress
+
+    def start(self, plan) -> None:
+        for w in plan.warnings:
+            typer.echo(f"warning: {w}", err=True)
+        if self.quiet:
+            return
+        self.task = self._display().add_task(f"writing {len(plan.steps)} tensors", total=plan.total_output_bytes)
+
+    def download(self, label: str, total: int):
+        """A new bar for one model's download (``total`` bytes); returns the function that advances it."""
+        if self.quiet:
+            return lambda n: None
+        display = self._display()
+        task = display.add_task(label, total=total)
+        return lambda n: display.advance(task, n)
 
     def advance(self, n: int) -> None:
         if self.progress is not None and self.task is not None:
@@ -206,13 +229,19 @@ def plan(
     tensors: bool = typer.Option(False, "--tensors", help="also list every output tensor with its sources and parameters"),
     shard_size: str = typer.Option("5B", help="max bytes per output shard"),
     out: Optional[Path] = typer.Option(None, "--out", help="multi-stage recipes: the OUT a merge would write (finished earlier stages beside it are planned from)"),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
     """Explain what a merge would do, without reading tensor data or writing anything.
 
     For a multi-stage recipe: the stage graph, then each stage's plan (a stage
-    that reads a stage not yet merged is planned once that stage has run)."""
+    that reads a stage not yet merged is planned once that stage has run).
+
+    plan downloads no weights: a model given by Hugging Face id must be in the
+    Hugging Face cache. For one that is not, it says what merge would download
+    (files, bytes, commit; asking the Hub unless --offline) and exits 2."""
     from superswallow_jax.errors import SuperswallowError
     from superswallow_jax.explain import plan_text, recipe_plan_text
+    from superswallow_jax.io.hub import HubAccess
     from superswallow_jax.io.writer import parse_size
     from superswallow_jax.merge import dumps_plan
     from superswallow_jax.plan import build_plan
@@ -222,10 +251,11 @@ def plan(
 
     try:
         recipe = load_recipe(config)
+        hub = HubAccess(offline=offline, download=False)
         if recipe.multi:
-            typer.echo(recipe_plan_text(recipe, out, parse_size(shard_size), as_json, tensors))
+            typer.echo(recipe_plan_text(recipe, out, parse_size(shard_size), as_json, tensors, hub))
             return
-        with build_plan(recipe.final.config, shard_size=parse_size(shard_size)) as p:
+        with build_plan(recipe.final.config, shard_size=parse_size(shard_size), hub=hub) as p:
             typer.echo(dumps_plan(p) if as_json else "\n".join(plan_text(p, tensors)))
     except (SuperswallowError, OSError) as e:
         _fail(e)
@@ -307,6 +337,7 @@ def verify(
     tensors: Optional[list[str]] = typer.Option(None, "--tensors", help="only check tensors matching this glob or substring (repeatable); the files are always checked"),
     against: Optional[Path] = typer.Option(None, help="compare OUT's tensors with this folder's instead of re-running CONFIG"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
     """Check that OUT is exactly what CONFIG makes: every file, shard header and tensor, and the manifest.
 
@@ -315,20 +346,29 @@ def verify(
 
     The merge is re-run as a stream (nothing written) with the options OUT's
     manifest records. Exit 0 only on a full match; otherwise each difference
-    is listed by file or tensor and the exit code is 1.
+    is listed by file or tensor and the exit code is 1. A model given by
+    Hugging Face id is read at the commit OUT's manifest records (downloaded
+    into the Hugging Face cache if it is not there, unless --offline).
     """
     from superswallow_jax import manifest as mf
     from superswallow_jax.errors import SuperswallowError, VerifyError
+    from superswallow_jax.io.hub import HubAccess
     from superswallow_jax.recipe import load_recipe
     from superswallow_jax.verify import verify_folder, verify_recipe
 
     _streaming_setup()
     try:
         recipe, select = load_recipe(config), mf.make_selector(tensors)
-        if recipe.multi and against is None:
-            rep = verify_recipe(recipe, out, seed=seed, select=select, say=lambda line: typer.echo(line, err=True))
-        else:
-            rep = verify_folder(recipe.final.config, out, seed=seed, select=select, against=against)
+        say = lambda line: typer.echo(line, err=True)  # noqa: E731
+        bar = _Bar(quiet)
+        hub = HubAccess(offline=offline, progress=bar.download, say=say)
+        try:
+            if recipe.multi and against is None:
+                rep = verify_recipe(recipe, out, seed=seed, select=select, say=say, hub=hub)
+            else:
+                rep = verify_folder(recipe.final.config, out, seed=seed, select=select, against=against, hub=hub)
+        finally:
+            bar.stop()
         for f in rep.findings:
             typer.echo(f.line())
         typer.echo(f"{rep.tensors_matched} of {rep.tensors_checked} tensors match; {rep.files_checked} files checked; "

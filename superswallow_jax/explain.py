@@ -118,11 +118,12 @@ def plan_text(plan: Plan, tensors: bool = False) -> list[str]:
     return lines
 
 
-def recipe_plan_text(recipe, out, shard_size: int, as_json: bool, tensors: bool) -> str:
+def recipe_plan_text(recipe, out, shard_size: int, as_json: bool, tensors: bool, hub=None) -> str:
     """``plan`` of a multi-stage recipe: the stage graph, then each stage's plan where its inputs exist.
 
     A stage reading an earlier stage is planned from that stage's finished
     output (beside ``out``, when given); otherwise its plan waits for that stage.
+    ``hub``: how Hugging Face ids may reach the Hub (:class:`~superswallow_jax.io.hub.HubAccess`).
     """
     import json
     from pathlib import Path
@@ -131,7 +132,7 @@ def recipe_plan_text(recipe, out, shard_size: int, as_json: bool, tensors: bool)
     from .plan import build_plan
     from .recipe import check_references, describe, stage_dirs
 
-    check_references(recipe)
+    check_references(recipe, hub)
     dirs = stage_dirs(recipe, Path(out), None) if out else {n: Path(".OUT.superswallow-stages", n)
                                                              for n in stage_dirs(recipe, Path("OUT"), None)}
     lines, doc = describe(recipe, dirs), []
@@ -143,7 +144,7 @@ def recipe_plan_text(recipe, out, shard_size: int, as_json: bool, tensors: bool)
             lines.append(why)
             doc.append({"stage": s.name, "reads": list(s.reads), "plan": None, "why": why})
             continue
-        with build_plan(s.config, shard_size=shard_size, aliases=dirs) as p:
+        with build_plan(s.config, shard_size=shard_size, aliases=dirs, hub=hub) as p:
             lines += plan_text(p, tensors)
             doc.append({"stage": s.name, "reads": list(s.reads), "plan": json.loads(dumps_plan(p))})
     return json.dumps({"stages": doc}, indent=1) if as_json else "\n".join(lines)

@@ -19,12 +19,9 @@ from .plan import Plan
 
 __all__ = ["COPY_FILES", "MAX_COPIED_BYTES", "TOKENIZER_FILES", "extra_files"]
 
-COPY_FILES = ("generation_config.json",)
+COPY_FILES = md.COPY_FILES
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
-TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-)
+TOKENIZER_FILES = md.TOKENIZER_FILES
 #: A donor file larger than this is refused (tokenizer.json of a 256K vocabulary is about 20 MB).
 MAX_COPIED_BYTES = 512 << 20
 

@@ -6,8 +6,9 @@
   dtypes, shapes and bytes, and does not depend on how tensors are split into
   shards or ordered inside them.
 * ``merge_manifest.json`` records versions, the PRNG scheme, the normalized
-  config and its hash, the seed, every input file's sha256 and every output
-  tensor's and file's sha256.
+  config and its hash, the seed, every input file's sha256, the commit every
+  input given by Hugging Face id resolved to, and every output tensor's and
+  file's sha256.
 """
 
 from __future__ import annotations
@@ -301,6 +302,28 @@ def input_files(plan) -> dict[str, Path]:
     return files
 
 
+def hub_inputs(plan) -> dict[str, dict]:
+    """Every input given by Hugging Face id: model reference -> ``{repo_id, revision, commit}``
+    (``revision``: as the config asks, None for the default branch; ``commit``: what it resolved to)."""
+    return {m.key: m.hub.record() for m in sorted(plan.models, key=lambda m: m.key) if m.hub is not None}
+
+
+def pins(manifest: Mapping | None) -> dict[str, str]:
+    """Model reference -> recorded commit, from a manifest's ``hub_inputs`` (and its stages'):
+    what ``verify`` resolves instead of the references' revisions."""
+    out: dict[str, str] = {}
+    man = manifest or {}
+    stages = man.get("stages") if isinstance(man.get("stages"), Mapping) else {}
+    for rec in [*(s for s in stages.values() if isinstance(s, Mapping)), man]:
+        hub = rec.get("hub_inputs")
+        for ref, src in (hub.items() if isinstance(hub, Mapping) else ()):
+            commit = src.get("commit") if isinstance(src, Mapping) else None
+            if isinstance(ref, str) and isinstance(commit, str) and len(commit) == 40 \
+                    and all(c in "0123456789abcdef" for c in commit):
+                out[ref] = commit
+    return out
+
+
 def build_manifest(plan, opts, input_hashes: Mapping[str, str], tensor_digests: Mapping[str, TensorDigest],
                    shard_hashes: Mapping[str, str]) -> dict:
     """``merge_manifest.json`` without the small files' digests and the file list (the commit adds them).
@@ -323,6 +346,7 @@ def build_manifest(plan, opts, input_hashes: Mapping[str, str], tensor_digests: 
         "config": json.loads(plan.config.normalized),
         "config_sha256": config_hash(plan.config.normalized),
         "input_files_sha256": dict(sorted(input_hashes.items())),
+        "hub_inputs": hub_inputs(plan),
         "model_digest": model_digest(tensor_digests.values()) if tensor_digests else None,
         "tensors": {d.name: {"dtype": d.dtype, "shape": list(d.shape), "sha256": d.sha256}
                     for d in sorted(tensor_digests.values(), key=lambda d: d.name)},

@@ -13,7 +13,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from . import manifest as mf
 from . import devices as dv
@@ -24,6 +24,9 @@ from .io.commit import crash_point
 from .options import MergeOptions
 from .output import Output
 from .plan import Plan, build_plan
+
+if TYPE_CHECKING:
+    from .io.hub import HubAccess
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions
               progress: Callable[[int], None] | None = None, on_plan: Callable[[Plan], None] | None = None,
               order: Sequence[int] | None = None, procs: ProcessInfo = ProcessInfo(0, 1),
               say: Callable[[str], None] | None = None, stage: str | None = None,
-              aliases: Mapping[str, Path] | None = None, manifest_extra: Mapping | None = None) -> MergeResult:
+              aliases: Mapping[str, Path] | None = None, manifest_extra: Mapping | None = None,
+              hub: HubAccess | None = None) -> MergeResult:
     """Merge ``cfg`` into ``out_dir``. Raises SuperswallowError on user errors.
 
     ``progress(n)``: output bytes produced (a resumed run's kept tensors count at once); ``on_plan(plan)``: once planned;
@@ -49,8 +53,10 @@ def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions
     multi-stage recipe (:mod:`superswallow_jax.recipe`) passes its ``stage``
     name (folded into the PRNG keys and recorded), ``aliases`` (earlier stages'
     folders by name) and, for the final stage, ``manifest_extra`` (the stages).
+    ``hub``: how Hugging Face ids may reach the Hub (cache first; downloads
+    unless offline; progress), see :class:`~superswallow_jax.io.hub.HubAccess`.
     """
-    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases)
+    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases, hub=hub)
     if on_plan is not None:
         on_plan(plan)
     output = Output(plan, out_dir, opts, procs, say or (lambda _line: None), stage)
@@ -126,12 +132,12 @@ def _gather(procs: ProcessInfo, digests: dict, input_hashes: dict, files: dict):
 
 def verify_stream(cfg: MergeConfig, opts: MergeOptions = MergeOptions(), select=None,
                   progress: Callable[[int], None] | None = None, stage: str | None = None,
-                  aliases: Mapping[str, Path] | None = None) -> dict:
+                  aliases: Mapping[str, Path] | None = None, hub: HubAccess | None = None) -> dict:
     """Re-run the merge without writing weights; return per-tensor digests (selected tensors only).
 
     ``opts``: the byte-relevant options of the merge being checked (seed, out_dtype).
     """
-    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases)
+    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases, hub=hub)
     with plan:
         order = [i for i, s in enumerate(plan.steps) if select is None or select(s.name)]
         specs = {plan.steps[i].name: (plan.steps[i].out_dtype, plan.steps[i].shape) for i in order}

@@ -30,7 +30,7 @@ from .chat_template import resolve_chat_template
 from .config import MergeConfig, SliceSpec, SourceSpec
 from .dtypes import BY_CODE, FLOAT_CODES
 from .errors import ConfigError, PlanError, short
-from .io.model_dir import read_model_config, resolve_model_dir
+from .io.model_dir import read_model_config, resolve_model
 from .io.checkpoint import Checkpoint
 from .io.reader import TensorInfo
 from .io.writer import TensorSpec, assign_shards
@@ -38,6 +38,7 @@ from .registry import MethodSpec
 from .params import Setting, coerce, numeric_string
 
 if TYPE_CHECKING:  # types only: importing the tokenizer costs start-up time
+    from .io.hub import HubAccess, HubSource
     from .tokenizer import EmbeddingAlignment, OutputTokenizer
 
 
@@ -53,6 +54,7 @@ class ModelInput:
     dir: Path
     config: Mapping[str, Any]
     checkpoint: Checkpoint
+    hub: HubSource | None = None  # for a Hugging Face id: repo, revision asked for, commit
 
 
 @dataclass(frozen=True)
@@ -235,13 +237,15 @@ def _optional_inputs(method: MethodSpec, present: Sequence[int], base: int | Non
     return True
 
 
-def load_models(cfg: MergeConfig, aliases: Mapping[str, Path] | None = None) -> tuple[ModelInput, ...]:
+def load_models(cfg: MergeConfig, aliases: Mapping[str, Path] | None = None,
+                hub: HubAccess | None = None) -> tuple[ModelInput, ...]:
     """Resolve and open every referenced model (headers only). ``aliases``: model
-    references that name folders directly (a recipe's earlier stages)."""
+    references that name folders directly (a recipe's earlier stages); ``hub``:
+    how Hugging Face ids may reach the Hub (:class:`~superswallow_jax.io.hub.HubAccess`)."""
     out = []
     for ref in cfg.referenced_models():
-        d = Path(aliases[ref]) if aliases and ref in aliases else resolve_model_dir(ref)
-        out.append(ModelInput(ref, d, MappingProxyType(read_model_config(d)), Checkpoint(d)))
+        d, src = (Path(aliases[ref]), None) if aliases and ref in aliases else resolve_model(ref, hub)
+        out.append(ModelInput(ref, d, MappingProxyType(read_model_config(d)), Checkpoint(d), src))
     return tuple(out)
 
 
@@ -475,10 +479,12 @@ def _out_config(cfg: MergeConfig, donor: ModelInput, arch: Architecture, dtype: 
 
 
 def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, shard_size: int = 5_000_000_000,
-               out_dtype: str | None = None, aliases: Mapping[str, Path] | None = None) -> Plan:
+               out_dtype: str | None = None, aliases: Mapping[str, Path] | None = None,
+               hub: HubAccess | None = None) -> Plan:
     """Build the full plan. ``out_dtype`` (a dtype code) overrides the config's;
-    ``aliases`` maps model references to folders (a recipe's earlier stages)."""
-    models = tuple(models) if models is not None else load_models(cfg, aliases)
+    ``aliases`` maps model references to folders (a recipe's earlier stages);
+    ``hub``: how Hugging Face ids may reach the Hub (see :func:`load_models`)."""
+    models = tuple(models) if models is not None else load_models(cfg, aliases, hub)
     arch = resolve_architecture(
         [m.config for m in models], [list(m.checkpoint.tensors) for m in models], [m.key for m in models]
     )

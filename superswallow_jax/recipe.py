@@ -144,10 +144,12 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(read_config_text(path), Path(path))
 
 
-def check_references(recipe: Recipe) -> None:
+def check_references(recipe: Recipe, hub=None) -> None:
     """Every model a stage names is an earlier stage or a model that resolves (before anything runs).
 
-    Raises ConfigError naming the stage and the reference.
+    Raises ConfigError naming the stage and the reference. ``hub``: how
+    Hugging Face ids may reach the Hub (:class:`~superswallow_jax.io.hub.HubAccess`;
+    a model by id is downloaded here, before any stage runs).
     """
     from .io.model_dir import resolve_model_dir
 
@@ -155,7 +157,7 @@ def check_references(recipe: Recipe) -> None:
     for s in recipe.stages:
         for ref in sorted(_refs(s.config) - names):
             try:
-                resolve_model_dir(ref)
+                resolve_model_dir(ref, hub)
             except ModelError as e:
                 stages = ", ".join(sorted(names)) or "none"
                 raise ConfigError(f"{recipe.file}: stage {s.label}: model {short(ref)} is neither a stage of this recipe "
@@ -169,21 +171,21 @@ def stage_dirs(recipe: Recipe, out: Path, intermediate_dir: Path | None) -> dict
     return {s.name: base / s.name for s in recipe.stages[:-1]}
 
 
-def _raw_inputs(stage: Stage, names: set) -> dict[str, Path]:
+def _raw_inputs(stage: Stage, names: set, hub=None) -> dict[str, Path]:
     """Weight files and config.json of every model a stage reads that is not a stage, by ``<ref>/<file>``."""
     from .io.checkpoint import Checkpoint
     from .io.model_dir import resolve_model_dir
 
     files: dict[str, Path] = {}
     for ref in sorted(_refs(stage.config) - names):
-        d = resolve_model_dir(ref)
+        d = resolve_model_dir(ref, hub)
         with Checkpoint(d) as ck:
             for f in [*ck.files, d / "config.json"]:
                 files[f"{ref}/{f.name}"] = f
     return files
 
 
-def identities(recipe: Recipe, opts: MergeOptions) -> dict:
+def identities(recipe: Recipe, opts: MergeOptions, hub=None) -> dict:
     """Each stage's identity: a digest of its name, config, byte options, raw inputs' sha256 and the
     identities of the stages it reads. Equal identities make equal bytes, so a finished stage with
     this identity is reused; it needs no earlier stage's output on disk (those may be deleted)."""
@@ -193,7 +195,7 @@ def identities(recipe: Recipe, opts: MergeOptions) -> dict:
     names = {s.name for s in recipe.stages if s.name is not None}
     ids: dict = {}
     for s in recipe.stages:
-        raw = mf.InputHasher(_raw_inputs(s, names)).start().join()
+        raw = mf.InputHasher(_raw_inputs(s, names, hub)).start().join()
         rec = {"stage": s.name, "config_sha256": mf.config_hash(s.config.normalized), "options": opts.recorded(),
                "inputs": raw, "stages": {n: ids[n] for n in s.reads}}
         ids[s.name] = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()
@@ -223,27 +225,29 @@ def _record(path: Path, name: str, folder: Path, identity: str) -> dict:
     rec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     man = mf.read_manifest(folder) or {}
     rec[name] = {"identity": identity, **{k: man.get(k) for k in ("config_sha256", "input_files_sha256",
-                                                                  "model_digest")}}
+                                                                  "model_digest", "hub_inputs")}}
     path.write_text(json.dumps(rec, indent=1, sort_keys=True), encoding="utf-8")
     return rec[name]
 
 
 def run_recipe(recipe: Recipe, out_dir: Path, opts: MergeOptions, *, intermediate_dir: Path | None = None,
                keep_intermediate: bool = False, say: Callable[[str], None] = lambda _line: None,
-               run: Callable | None = None):
+               run: Callable | None = None, hub=None):
     """Run the stages in order (see the module docstring); returns the final stage's MergeResult.
 
     ``run(cfg, out, opts, stage=..., aliases=..., manifest_extra=...)`` is
-    :func:`superswallow_jax.merge.run_merge` with the caller's progress hooks.
+    :func:`superswallow_jax.merge.run_merge` with the caller's progress hooks;
+    ``hub`` (:class:`~superswallow_jax.io.hub.HubAccess`) is passed to it and
+    to the resolution of every model before the first stage.
     """
     import json
 
     from .merge import run_merge
 
     run = run or run_merge
-    check_references(recipe)
+    check_references(recipe, hub)
     dirs = stage_dirs(recipe, out_dir, intermediate_dir)
-    ids = identities(recipe, opts)
+    ids = identities(recipe, opts, hub)
     reusable = {n for n, d in dirs.items() if _finished(d, ids[n])}
     todo = _to_run(recipe, reusable)
     readers = {n: {s.name for s in recipe.stages if n in s.reads} for n in dirs}
@@ -258,7 +262,7 @@ def run_recipe(recipe: Recipe, out_dir: Path, opts: MergeOptions, *, intermediat
             say(f"stage {stage.label}: merging into {folder}")
             stale = (folder / mf.MANIFEST_NAME).is_file()  # finished, but not with this identity: replace it
             run(stage.config, folder, replace(opts, force=stale), stage=stage.name, aliases=dirs,
-                manifest_extra={"stage_identity": ids[stage.name]})
+                manifest_extra={"stage_identity": ids[stage.name]}, hub=hub)
             records[stage.name] = _record(records_file, stage.name, folder, ids[stage.name])
         elif stage.name in reusable:
             say(f"stage {stage.label}: reusing {folder} (finished earlier with the same config, options and inputs)")
@@ -271,7 +275,7 @@ def run_recipe(recipe: Recipe, out_dir: Path, opts: MergeOptions, *, intermediat
     final = recipe.final
     say(f"stage {final.label}: merging into {Path(out_dir)}")
     res = run(final.config, out_dir, opts, stage=final.name, aliases=dirs,
-              manifest_extra={"stages": records, "stage_identity": ids[final.name]})
+              manifest_extra={"stages": records, "stage_identity": ids[final.name]}, hub=hub)
     done.add(final.name)
     _drop_finished(dirs, readers, done, keep_intermediate, say)
     if not keep_intermediate and root is not None:

@@ -31,6 +31,7 @@ from .config import MergeConfig
 from .devices import ProcessInfo
 from .errors import ConfigError, ModelError
 from .extras import extra_files
+from .io.hub import HubAccess
 from .io.reader import INDEX_NAME
 from .io.writer import index_json
 from .options import MergeOptions
@@ -64,6 +65,14 @@ class Report:
 
     def add(self, kind: str, name: str, detail: str = "") -> None:
         self.findings.append(Finding(kind, name, detail))
+
+
+def _pinned(hub: HubAccess | None, manifest: dict | None) -> HubAccess:
+    """``hub`` with every model by id pinned to the commit ``manifest`` records for it."""
+    from dataclasses import replace
+
+    hub = hub or HubAccess()
+    return replace(hub, pins={**mf.pins(manifest), **hub.pins})
 
 
 def _sha(path: Path) -> str:
@@ -139,10 +148,12 @@ def _check_manifest(out: Path, man: dict, cfg: MergeConfig, opts: MergeOptions, 
 def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, select: Callable[[str], bool] | None = None,
                   against: Path | None = None, progress: Callable[[int], None] | None = None,
                   stage: str | None = None, aliases: Mapping[str, Path] | None = None,
-                  rep: Report | None = None) -> Report:
+                  rep: Report | None = None, hub: HubAccess | None = None) -> Report:
     """Compare folder ``out`` with what ``cfg`` makes (see the module docstring).
 
     ``stage``/``aliases``: the final stage of a recipe and its earlier stages' folders (:func:`verify_recipe`).
+    ``hub``: how Hugging Face ids may reach the Hub; each id is resolved to the
+    commit the manifest records for it (downloaded if it is not in the cache).
     """
     from .merge import verify_stream
 
@@ -151,7 +162,9 @@ def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, selec
     opts = _options(man, seed)
     rep = rep or Report()
     rep.seed = opts.seed
-    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases)
+    hub = _pinned(hub, man)
+    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases, hub=hub)
+    hub_inputs = mf.hub_inputs(plan)
     with plan:
         if select is not None and not any(select(s.name) for s in plan.steps):
             raise ConfigError("--tensors: the pattern matches no tensor of this merge")
@@ -164,7 +177,7 @@ def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, selec
     if against is not None:
         expected = mf.folder_digests(against, select)
     else:
-        expected = verify_stream(cfg, opts, select, progress, stage=stage, aliases=aliases)
+        expected = verify_stream(cfg, opts, select, progress, stage=stage, aliases=aliases, hub=hub)
     res = mf.compare(expected, actual)
     rep.tensors_checked = len(set(expected) | set(actual))
     rep.tensors_matched = len(res.matched)
@@ -176,17 +189,21 @@ def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, selec
         rep.add("MISSING", mf.MANIFEST_NAME)
     else:
         _check_manifest(out, man, cfg, opts, all_files, actual if select is None else {}, rep)
+        if "hub_inputs" in man and man["hub_inputs"] != hub_inputs:
+            rep.add("DIFFERS", mf.MANIFEST_NAME, "hub_inputs is not what the config's models resolve to")
     return rep
 
 
 def verify_recipe(recipe, out: Path, *, seed: int | None = None, select: Callable[[str], bool] | None = None,
-                  progress: Callable[[int], None] | None = None, say: Callable[[str], None] = lambda _line: None) -> Report:
+                  progress: Callable[[int], None] | None = None, say: Callable[[str], None] = lambda _line: None,
+                  hub: HubAccess | None = None) -> Report:
     """Replay a multi-stage recipe (:mod:`superswallow_jax.recipe`) and compare its final stage with ``out``.
 
     Every stage before the last is merged again into a temporary folder beside
     ``out`` (removed afterwards); each one's model digest and identity are
     compared with the stages ``out``'s manifest records, then the final stage
-    is checked as :func:`verify_folder` checks a single merge.
+    is checked as :func:`verify_folder` checks a single merge. Models by id
+    are resolved to the commits the manifest records (``hub``, see :func:`verify_folder`).
     """
     import shutil
     import tempfile
@@ -198,16 +215,17 @@ def verify_recipe(recipe, out: Path, *, seed: int | None = None, select: Callabl
     out = Path(out)
     man = mf.read_manifest(out) or {}
     opts = replace(_options(man, seed), force=False, digests=True, file_digests=False)
-    check_references(recipe)
+    hub = _pinned(hub, man)
+    check_references(recipe, hub)
     rep = Report()
     recorded = man.get("stages") if isinstance(man.get("stages"), dict) else {}
-    ids = identities(recipe, opts)
+    ids = identities(recipe, opts, hub)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.superswallow-verify-", dir=out.resolve().parent))
     try:
         dirs = {s.name: tmp / s.name for s in recipe.stages[:-1]}
         for s in recipe.stages[:-1]:
             say(f"stage {s.label}: merging again into {dirs[s.name]}")
-            res = run_merge(s.config, dirs[s.name], opts, stage=s.name, aliases=dirs)
+            res = run_merge(s.config, dirs[s.name], opts, stage=s.name, aliases=dirs, hub=hub)
             got = (mf.read_manifest(res.out_dir) or {}).get("model_digest")
             rec = recorded.get(s.name) or {}
             if not rec:
@@ -217,6 +235,6 @@ def verify_recipe(recipe, out: Path, *, seed: int | None = None, select: Callabl
         if man.get("stage_identity") != ids[recipe.final.name]:
             rep.add("DIFFERS", mf.MANIFEST_NAME, "stage_identity is not this recipe's final stage")
         return verify_folder(recipe.final.config, out, seed=seed, select=select, progress=progress,
-                             stage=recipe.final.name, aliases=dirs, rep=rep)
+                             stage=recipe.final.name, aliases=dirs, rep=rep, hub=hub)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -30,7 +31,8 @@ from .tensor_file import TensorFile, TensorInfo
 from .model_dir import check_inside
 from .torch_zip import TorchFile
 
-__all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "Checkpoint", "MAX_INDEX_BYTES"]
+__all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "Checkpoint", "MAX_INDEX_BYTES", "WeightChoice", "choose_weights",
+           "read_index"]
 
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 BIN_SINGLE_NAME = "pytorch_model.bin"
@@ -58,30 +60,17 @@ class Checkpoint:
         for name in (INDEX_NAME, SINGLE_NAME, BIN_INDEX_NAME, BIN_SINGLE_NAME):
             if (d / name).is_file():
                 check_inside(d / name, d)
-        if (d / INDEX_NAME).is_file():
-            self.format = "safetensors"
-            self._load_index(d / INDEX_NAME, SafetensorsFile)
-        elif (d / SINGLE_NAME).is_file():
-            self.format = "safetensors"
-            self._add_file(SafetensorsFile(d / SINGLE_NAME))
-        elif any(d.glob("*.safetensors")):
-            self.format = "safetensors"
-            files = sorted(d.glob("*.safetensors"))
-            shards = [f.name for f in files if _SHARD.fullmatch(f.name)]
-            if shards:
-                raise SafetensorsError(
-                    f"{d}: {len(shards)} shard files named like {shards[0]} but no {INDEX_NAME}; "
-                    "the shard set is incomplete (an interrupted copy or merge?)")
-            for f in files:
-                self._add_file(SafetensorsFile(f))
-        elif (d / BIN_INDEX_NAME).is_file():
-            self.format = "pytorch"
-            self._load_index(d / BIN_INDEX_NAME, TorchFile)
-        elif (d / BIN_SINGLE_NAME).is_file():
-            self.format = "pytorch"
-            self._add_file(TorchFile(d / BIN_SINGLE_NAME))
-        else:
+        names = [p.name for p in d.iterdir() if p.is_file()] if d.is_dir() else []
+        choice = choose_weights(names, str(d))
+        if choice is None:
             raise SafetensorsError(_no_weights_message(d))
+        self.format = choice.format
+        open_file = SafetensorsFile if choice.format == "safetensors" else TorchFile
+        if choice.index is not None:
+            self._load_index(d / choice.index, open_file)
+        else:
+            for name in choice.files:
+                self._add_file(open_file(d / name))
 
     def _add_file(self, f: TensorFile) -> None:
         check_inside(f.path, self.model_dir)
@@ -92,23 +81,9 @@ class Checkpoint:
             self.tensors[name] = info
 
     def _load_index(self, index: Path, open_file: Callable[[Path], TensorFile]) -> None:
-        try:
-            if index.stat().st_size > MAX_INDEX_BYTES:
-                raise SafetensorsError(f"{index}: larger than the {MAX_INDEX_BYTES}-byte limit for an index")
-            obj = json.loads(index.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as e:
-            raise SafetensorsError(f"{index}: not valid JSON ({type(e).__name__})") from None
-        except OSError as e:
-            raise SafetensorsError(f"{index}: cannot read: {e.strerror or e}") from None
-        wmap = obj.get("weight_map") if isinstance(obj, dict) else None
-        if not isinstance(wmap, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
-        ):
-            raise SafetensorsError(f"{index}: 'weight_map' must map tensor names to file names")
+        wmap = read_index(index)
         for shard in sorted(set(wmap.values())):
             p = self.model_dir / shard
-            if Path(shard).name != shard or shard in (".", ".."):
-                raise SafetensorsError(f"{index}: shard name {shard!r} must be a plain file name")
             if not p.is_file():
                 raise SafetensorsError(f"{index}: shard {shard} listed in the index is missing")
             check_inside(p, self.model_dir)
@@ -146,6 +121,67 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """Which files of a model hold its weights (chosen by name, see the module docstring).
+
+    ``format``: ``"safetensors"`` or ``"pytorch"``. ``index``: the index file
+    whose ``weight_map`` names the shards, or None; ``files``: the weight files
+    when there is no index (sorted), else empty.
+    """
+
+    format: str
+    index: str | None
+    files: tuple[str, ...]
+
+
+def choose_weights(names: Collection[str], where: str) -> WeightChoice | None:
+    """The weight files among a model's top-level file ``names``, as the reader picks them; None if none.
+
+    The same rule serves a folder on disk and a repo's file list before a
+    download. Shards named ``*-0000k-of-0000N.safetensors`` without their index
+    are refused (SafetensorsError naming ``where``): the set is incomplete.
+    """
+    names = set(names)
+    if INDEX_NAME in names:
+        return WeightChoice("safetensors", INDEX_NAME, ())
+    if SINGLE_NAME in names:
+        return WeightChoice("safetensors", None, (SINGLE_NAME,))
+    loose = sorted(n for n in names if n.endswith(".safetensors"))
+    if loose:
+        shards = [n for n in loose if _SHARD.fullmatch(n)]
+        if shards:
+            raise SafetensorsError(
+                f"{where}: {len(shards)} shard files named like {shards[0]} but no {INDEX_NAME}; "
+                "the shard set is incomplete (an interrupted copy or merge?)")
+        return WeightChoice("safetensors", None, tuple(loose))
+    if BIN_INDEX_NAME in names:
+        return WeightChoice("pytorch", BIN_INDEX_NAME, ())
+    if BIN_SINGLE_NAME in names:
+        return WeightChoice("pytorch", None, (BIN_SINGLE_NAME,))
+    return None
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index file (tensor name -> shard file name), checked:
+    a JSON object within :data:`MAX_INDEX_BYTES` whose shards are plain file names."""
+    try:
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise SafetensorsError(f"{index}: larger than the {MAX_INDEX_BYTES}-byte limit for an index")
+        obj = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{index}: not valid JSON ({type(e).__name__})") from None
+    except OSError as e:
+        raise SafetensorsError(f"{index}: cannot read: {e.strerror or e}") from None
+    wmap = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+        raise SafetensorsError(f"{index}: 'weight_map' must map tensor names to file names")
+    for shard in sorted(set(wmap.values())):
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise SafetensorsError(f"{index}: shard name {shard!r} must be a plain file name")
+    return wmap
 
 
 def _no_weights_message(d: Path) -> str:

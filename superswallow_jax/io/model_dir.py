@@ -1,18 +1,15 @@
 """Hugging Face model folders: finding them, reading config.json, the model card.
 
-Model references resolve to local folders, never the network:
+A model reference resolves to a local folder:
 
 1. an existing directory path (absolute, or relative to the working directory)
    is used as is;
 2. otherwise a reference of the form ``org/name`` (optionally ``@revision``) is
-   looked up in the model cache: ``$SUPERSWALLOW_MODEL_CACHE/org/name``
-   (or ``org--name``), then the Hugging Face hub cache
-   (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``) in its
-   ``models--org--name/snapshots/<rev>/`` layout, where ``<rev>`` comes from
-   ``refs/<revision or main>``.
-
-Download a model once with ``huggingface-cli download org/name`` (or copy it)
-and superswallow finds it.
+   looked up in ``$SUPERSWALLOW_MODEL_CACHE/org/name`` (or ``org--name``),
+   plain folders kept by hand;
+3. then it is a Hugging Face id, resolved by :mod:`.hub` through
+   huggingface_hub: the Hugging Face cache first, else a download of the files
+   a merge reads (unless offline).
 """
 
 from __future__ import annotations
@@ -20,8 +17,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ModelError, short
+
+if TYPE_CHECKING:
+    from .hub import HubAccess, HubSource
+
+
+#: Files copied from the donor model into the output as they are (with the tokenizer's).
+COPY_FILES = ("generation_config.json",)
+#: The tokenizer files a merge reads or copies (the small files a download fetches besides config.json).
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+)
 
 
 def _cache_dirs() -> list[Path]:
@@ -31,20 +41,17 @@ def _cache_dirs() -> list[Path]:
     return dirs
 
 
-def _hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path("~/.cache/huggingface/hub").expanduser()
+def resolve_model(ref: str, hub: HubAccess | None = None) -> tuple[Path, HubSource | None]:
+    """Map a model reference to an existing local folder, or raise ModelError (one line).
 
-
-def resolve_model_dir(ref: str) -> Path:
-    """Map a model reference to an existing local folder, or raise ModelError."""
-    path, _, revision = ref.partition("@")
+    Returns the folder and, for a Hugging Face id, where it came from (repo,
+    revision asked for, commit). ``hub``: how ids may reach the Hub (default:
+    the cache, then downloads unless ``HF_HUB_OFFLINE``).
+    """
+    path = ref.partition("@")[0]
     p = Path(path).expanduser()
     if p.is_dir():
-        return p.resolve()
+        return p.resolve(), None
     if p.exists():
         raise ModelError(f"model {short(ref)}: {p} is a file, expected a model folder")
     looked = [str(p)]
@@ -55,20 +62,18 @@ def resolve_model_dir(ref: str) -> Path:
             for cand in (c / org / name, c / f"{org}--{name}"):
                 looked.append(str(cand))
                 if cand.is_dir():
-                    return cand.resolve()
-        hub = _hub_cache() / f"models--{org}--{name}"
-        refs = hub / "refs" / (revision or "main")
-        looked.append(str(hub))
-        if refs.is_file():
-            snap = hub / "snapshots" / refs.read_text().strip()
-            if snap.is_dir():
-                return snap.resolve()
-        if revision and (hub / "snapshots" / revision).is_dir():
-            return (hub / "snapshots" / revision).resolve()
-    raise ModelError(
-        f"model {short(ref)} not found locally (looked in: {', '.join(looked)}); "
-        "download it first or set SUPERSWALLOW_MODEL_CACHE"
-    )
+                    return cand.resolve(), None
+        if looks_like_hf_id(ref):
+            from .hub import resolve_hub_model
+
+            return resolve_hub_model(ref, hub)
+    raise ModelError(f"model {short(ref)} not found locally (looked in: {', '.join(looked)}); "
+                     "a model is a folder, or a Hugging Face id org/name[@revision]")
+
+
+def resolve_model_dir(ref: str, hub: HubAccess | None = None) -> Path:
+    """The local folder of a model reference (:func:`resolve_model` without the source)."""
+    return resolve_model(ref, hub)[0]
 
 
 def check_inside(path: Path, model_dir: Path) -> Path:
