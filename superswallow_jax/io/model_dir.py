@@ -39,14 +39,14 @@ def _hub_cache() -> Path:
     return Path("~/.cache/huggingface/hub").expanduser()
 
 
-def resolve_model_dir(ref: str) -> Path:
-    """Map a model reference to an existing local folder, or raise ModelError."""
+def resolve_model_dir(ref: str, what: str = "model") -> Path:
+    """Map a model reference to an existing local folder, or raise ModelError (``what``: ``model`` or ``adapter``)."""
     path, _, revision = ref.partition("@")
     p = Path(path).expanduser()
     if p.is_dir():
         return p.resolve()
     if p.exists():
-        raise ModelError(f"model {short(ref)}: {p} is a file, expected a model folder")
+        raise ModelError(f"{what} {short(ref)}: {p} is a file, expected a {what} folder")
     looked = [str(p)]
     parts = path.split("/")
     if len(parts) == 2 and all(parts):
@@ -66,7 +66,7 @@ def resolve_model_dir(ref: str) -> Path:
         if revision and (hub / "snapshots" / revision).is_dir():
             return (hub / "snapshots" / revision).resolve()
     raise ModelError(
-        f"model {short(ref)} not found locally (looked in: {', '.join(looked)}); "
+        f"{what} {short(ref)} not found locally (looked in: {', '.join(looked)}); "
         "download it first or set SUPERSWALLOW_MODEL_CACHE"
     )
 
