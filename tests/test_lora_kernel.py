@@ -12,7 +12,6 @@ from superswallow_jax.lora.fetch import chunk_rows
 
 from . import reference_lora as ref
 
-Z = np.int32(0)  # the kernels' run-time zero
 _fma_dot = jax.jit(kernel.fma_dot)
 
 
@@ -32,12 +31,12 @@ def test_split_and_two_prod_are_exact():
         m, _ = np.frexp(h[nz].astype(np.float64))
         assert np.all(np.abs(m * 2**12) == np.round(np.abs(m * 2**12)))
 
-    def tp(a, b, z):
+    def tp(a, b):
         ah, al = kernel.split(a)
         bh, bl = kernel.split(b)
-        return kernel.two_prod(a, ah, al, b, bh, bl, z)
+        return kernel.two_prod(a, ah, al, b, bh, bl)
 
-    p, e = map(np.asarray, jax.jit(tp)(a, b, Z))
+    p, e = map(np.asarray, jax.jit(tp)(a, b))
     assert np.array_equal(p, a * b)
     assert np.array_equal(p.astype(np.float64) + e.astype(np.float64), a.astype(np.float64) * b.astype(np.float64))
 
@@ -60,7 +59,7 @@ def test_fma_chain_matches_exact_reference_on_near_ties():
     lhs[:, 0] *= 2.0**20  # a large first term: later products fall near its rounding points
     lhs, rhs = lhs.astype(np.float32), rhs.astype(np.float32)
     want = ref.seq_dot(lhs, rhs)
-    assert np.array_equal(np.asarray(_fma_dot(lhs, rhs, Z)), want)
+    assert np.array_equal(np.asarray(_fma_dot(lhs, rhs)), want)
     naive = lhs.astype(np.float64) @ rhs.astype(np.float64)
     assert not np.array_equal(naive.astype(np.float32), want)  # the order matters on these values
 
@@ -70,7 +69,7 @@ def test_fma_chain_matches_exact_reference_on_near_ties():
 def test_fma_chain_matches_exact_reference(seed):
     rng = np.random.default_rng(seed)
     lhs, rhs = _f32(rng, (4, 6), -12, 4), _f32(rng, (6, 5), -12, 4)
-    assert np.array_equal(np.asarray(_fma_dot(lhs, rhs, Z)), ref.seq_dot(lhs, rhs))
+    assert np.array_equal(np.asarray(_fma_dot(lhs, rhs)), ref.seq_dot(lhs, rhs))
 
 
 @pytest.mark.parametrize("code", ["BF16", "F16", "F32"])
@@ -81,10 +80,14 @@ def test_lora_rows_follow_peft_order(code, round_delta):
     lhs = (rng.standard_normal((5, 4)) * 0.02).astype(ml_dtypes.bfloat16)
     rhs = rng.uniform(-0.5, 0.5, (4, 6)).astype(np.float32)
     scale = 16 / np.sqrt(8)  # rsLoRA: not a float32 number
-    got = jax.jit(lambda *x: kernel.lora_rows(*x, code, round_delta))(w, lhs, rhs, np.float32(scale), Z)
+    got = jax.jit(lambda *x: kernel.lora_rows(*x, code, round_delta))(w, lhs, rhs, np.float32(scale))
     want = ref.merged_rows(w, lhs, rhs, scale, code, round_delta)
     assert np.asarray(got).dtype == want.dtype
     assert np.array_equal(np.asarray(got).view(np.uint8), want.view(np.uint8))
+    # used inside a bigger float32 computation, the roundings stay (XLA may fold a convert pair away)
+    wider = jax.jit(lambda *x: kernel.lora_rows(*x, code, round_delta).astype(np.float32) - x[0])(
+        w, lhs, rhs, np.float32(scale))
+    assert np.array_equal(np.asarray(wider), want.astype(np.float32) - w)
 
 
 def test_lora_chunk_cuts_and_zero_pads():
@@ -97,5 +100,5 @@ def test_lora_chunk_cuts_and_zero_pads():
     full = ref.merged_rows(w, lhs, rhs, 2.0, "F32").reshape(-1)
     f = jax.jit(lambda *x: kernel.lora_chunk(*x, "F32", n))
     for off, count in [(0, n), (6, 9), (3, 1)]:
-        got = np.asarray(f(w, lhs, rhs, np.float32(2.0), Z, np.int32(off), np.int32(count)))
+        got = np.asarray(f(w, lhs, rhs, np.float32(2.0), np.int32(off), np.int32(count)))
         assert np.array_equal(got[:count], full[off : off + count]) and not got[count:].any()

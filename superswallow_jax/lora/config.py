@@ -14,7 +14,8 @@ What the config decides when an adapter is merged into its base (PEFT's
   by ``rank_pattern`` / ``alpha_pattern`` (the first key, in file order,
   that is a regular expression matching the end of the module name after a
   ``.``);
-* **modules_to_save**: whole modules stored in the adapter, replacing the base's.
+* **modules_to_save**: whole modules stored in the adapter, replacing the
+  base's (a module whose name ends with an entry, as PEFT matches them).
 
 Options that change the merged weights in ways not implemented here (DoRA,
 LoRA biases, QA-LoRA, layer replication, trainable tokens, ...) are refused
@@ -91,8 +92,9 @@ class AdapterConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def saved_module(self, module: str) -> bool:
-        """Whether ``module`` is one of ``modules_to_save`` (the name or a ``.``-suffix of it)."""
-        return any(module == m or module.endswith("." + m) for m in self.modules_to_save)
+        """Whether ``module`` is one of ``modules_to_save``: its name ends with an entry (PEFT's test,
+        without a ``.`` boundary: ``norm`` covers ``input_layernorm``)."""
+        return any(module.endswith(m) for m in self.modules_to_save)
 
     def targets(self, module: str) -> bool:
         """Whether PEFT puts a LoRA on ``module``."""

@@ -29,19 +29,16 @@ from .adapted import Adaptation, LoraDelta
 
 #: Device copies of ``rhs`` kept (one per adapted tensor recently read).
 RHS_CACHE = 8
-#: The kernels' run-time zero (:func:`~.kernel.opaque`): an argument, never a constant XLA could fold.
-ZERO = np.int32(0)
 
 
 @functools.lru_cache(maxsize=64)
 def _chunk_kernel(dtype: str, n: int, round_delta: bool):
-    return jax.jit(lambda w, lhs, rhs, s, z, off, cnt: kernel.lora_chunk(w, lhs, rhs, s, z, off, cnt, dtype, n,
-                                                                         round_delta))
+    return jax.jit(lambda w, lhs, rhs, s, off, cnt: kernel.lora_chunk(w, lhs, rhs, s, off, cnt, dtype, n, round_delta))
 
 
 @functools.lru_cache(maxsize=64)
 def _rows_kernel(dtype: str, round_delta: bool):
-    return jax.jit(lambda w, lhs, rhs, s, z: kernel.lora_rows(w, lhs, rhs, s, z, dtype, round_delta))
+    return jax.jit(lambda w, lhs, rhs, s: kernel.lora_rows(w, lhs, rhs, s, dtype, round_delta))
 
 
 @functools.lru_cache(maxsize=16)
@@ -121,7 +118,7 @@ class LoraReader:
         w = np.empty((rows, cols), info.np_dtype)
         self._read(model, info, r0 * cols, min(r1 * cols, info.numel), w)
         lhs = self._lhs(model, d, r0, r1, rows)
-        return _chunk_kernel(ad.dtype, n, d.embedding)(w, lhs, self._rhs_of(model, d), np.float32(d.scale), ZERO,
+        return _chunk_kernel(ad.dtype, n, d.embedding)(w, lhs, self._rhs_of(model, d), np.float32(d.scale),
                                                        np.int32(a - r0 * cols), np.int32(b - a))
 
     def chunk(self, model: int, info: TensorInfo, ad: Adaptation, a: int, b: int) -> np.ndarray:
@@ -148,5 +145,5 @@ class LoraReader:
             lhs[:k] = span[ids - lo]
         else:
             lhs[:k] = self.file_of(model, d.b).read_rows(d.b, ids)
-        out = _rows_kernel(ad.dtype, d.embedding)(wp, lhs, self._rhs_of(model, d), np.float32(d.scale), ZERO)
+        out = _rows_kernel(ad.dtype, d.embedding)(wp, lhs, self._rhs_of(model, d), np.float32(d.scale))
         return np.asarray(out)[:k]

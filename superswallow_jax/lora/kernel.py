@@ -17,9 +17,10 @@ exact product ``a*b = uh + ul`` (Dekker's, with a bit-mask split, so every
 partial product is exact and fusing cannot change it), ``c + uh = th + tl``
 (Knuth's two-sum), and ``RN(th + RO(tl + ul))`` with ``RO`` rounding to
 odd. The scale multiply comes after the product, as in PEFT. Every product
-that an add consumes goes through :func:`opaque` first, so a backend that
-fuses a multiply and an add into one rounding (XLA's CPU code generator
-does, even across an optimization barrier) cannot change a bit.
+that an add consumes goes through
+:func:`~superswallow_jax.methods.numerics.fp_barrier` first, so a backend
+that fuses a multiply and an add into one rounding (XLA's CPU code
+generator does, even across an optimization barrier) cannot change a bit.
 
 Rows: a row of ``W`` needs the matching row of ``lhs`` and all of ``rhs``
 (``lhs = B``, ``rhs = A`` for a linear layer; ``lhs = A^T``, ``rhs = B^T`` for
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..dtypes import NP
+from ..methods.numerics import fp_barrier, rounder
 
 _F32 = jnp.float32
 
@@ -44,13 +46,6 @@ def split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hi, x - hi
 
 
-def opaque(x: jax.Array, zero: jax.Array) -> jax.Array:
-    """``x`` (float32), through its bits plus ``zero`` (an int32 0 known only at run time): the compiler
-    cannot see the multiply that made ``x``, so it cannot fuse it into a later add (one rounding
-    instead of two). XLA's CPU code fuses such pairs; an optimization barrier does not stop it."""
-    return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.int32) + zero, _F32)
-
-
 def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(s, e)`` with ``s = RN(a + b)`` and ``a + b = s + e`` exactly (Knuth; no multiplications)."""
     s = a + b
@@ -58,11 +53,12 @@ def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return s, (a - (s - bb)) + (b - bb)
 
 
-def two_prod(a, ah, al, b, bh, bl, zero) -> tuple[jax.Array, jax.Array]:
+def two_prod(a, ah, al, b, bh, bl) -> tuple[jax.Array, jax.Array]:
     """``(p, e)`` with ``p = RN(a * b)`` and ``a * b = p + e`` exactly (Dekker, from :func:`split` halves;
-    every partial product is exact, so fusing one into an add changes nothing; ``p`` is made opaque)."""
-    p = opaque(a * b, zero)
-    return p, opaque(((ah * bh - p) + ah * bl + al * bh) + al * bl, zero)
+    every partial product is exact, so fusing one into an add changes nothing; ``p`` and ``e`` leave
+    through :func:`~superswallow_jax.methods.numerics.fp_barrier`)."""
+    p = fp_barrier(a * b)
+    return p, fp_barrier(((ah * bh - p) + ah * bl + al * bh) + al * bl)
 
 
 def odd_sum(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -73,10 +69,9 @@ def odd_sum(x: jax.Array, y: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(jnp.where((e != 0) & ((bits & 1) == 0), bits + step, bits), _F32)
 
 
-def fma_dot(lhs: jax.Array, rhs: jax.Array, zero: jax.Array) -> jax.Array:
+def fma_dot(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     """``lhs @ rhs`` (float32 ``[R, r]`` and ``[r, C]``) with each element accumulated over ``r`` in order,
-    ``acc = fma(lhs[:, k], rhs[k], acc)`` from ``acc = RN(lhs[:, 0] * rhs[0])``, every step rounded once.
-    ``zero``: an int32 0 given at run time (:func:`opaque`)."""
+    ``acc = fma(lhs[:, k], rhs[k], acc)`` from ``acc = RN(lhs[:, 0] * rhs[0])``, every step rounded once."""
     lh, ll = split(lhs)
     rh, rl = split(rhs)
 
@@ -87,43 +82,44 @@ def fma_dot(lhs: jax.Array, rhs: jax.Array, zero: jax.Array) -> jax.Array:
         return lax.dynamic_slice_in_dim(x, k, 1, 0)
 
     def step(k, acc):
-        uh, ul = two_prod(col(lhs, k), col(lh, k), col(ll, k), row(rhs, k), row(rh, k), row(rl, k), zero)
-        th, tl = two_sum(acc, uh)  # only opaque values and sums from here: nothing to fuse
+        uh, ul = two_prod(col(lhs, k), col(lh, k), col(ll, k), row(rhs, k), row(rh, k), row(rl, k))
+        th, tl = two_sum(acc, uh)  # only barriered values and sums from here: nothing to fuse
         return th + odd_sum(tl, ul)
 
-    return lax.fori_loop(1, lhs.shape[1], step, opaque(lhs[:, :1] * rhs[:1, :], zero))
+    return lax.fori_loop(1, lhs.shape[1], step, fp_barrier(lhs[:, :1] * rhs[:1, :]))
 
 
-def lora_rows(w: jax.Array, lhs: jax.Array, rhs: jax.Array, scale: jax.Array, zero: jax.Array, dtype: str,
+def lora_rows(w: jax.Array, lhs: jax.Array, rhs: jax.Array, scale: jax.Array, dtype: str,
               round_delta: bool = False) -> jax.Array:
     """``cast(w) + scale * lhs @ rhs``, rounded to ``dtype``.
 
-    ``w``: ``[R, C]`` as stored (any float dtype; first cast to ``dtype``,
+    ``w``: ``[R, C]`` as stored (any float dtype; first rounded to ``dtype``,
     as transformers loads it); ``lhs``: ``[R, r]``, ``rhs``: ``[r, C]`` (any
-    float dtype, used in float32); ``scale``: float32 scalar; ``zero``: int32 0 (:func:`opaque`);
+    float dtype, used in float32); ``scale``: float32 scalar;
     ``round_delta``: round the delta to ``dtype`` before the sum (PEFT's
     embedding merge does; its linear merge adds the float32 delta). Returns
-    ``[R, C]`` of ``dtype`` (a dtype code).
+    ``[R, C]`` of ``dtype`` (a dtype code). Every rounding goes through
+    :func:`~superswallow_jax.methods.numerics.rounder`, which XLA cannot fold away.
     """
-    d = NP[dtype]
-    delta = opaque(fma_dot(lhs.astype(_F32), rhs.astype(_F32), zero) * scale, zero)  # rounded before the sum
+    rnd = rounder(dtype)
+    delta = fp_barrier(fma_dot(lhs.astype(_F32), rhs.astype(_F32)) * scale)  # rounded before the sum
     if round_delta:
-        delta = delta.astype(d).astype(_F32)
-    return (w.astype(d).astype(_F32) + delta).astype(d)
+        delta = rnd(delta)
+    return rnd(rnd(w.astype(_F32)) + delta).astype(NP[dtype])
 
 
-def lora_chunk(w: jax.Array, lhs: jax.Array, rhs: jax.Array, scale: jax.Array, zero: jax.Array, offset: jax.Array,
-               count: jax.Array, dtype: str, n: int, round_delta: bool = False) -> jax.Array:
+def lora_chunk(w: jax.Array, lhs: jax.Array, rhs: jax.Array, scale: jax.Array, offset: jax.Array, count: jax.Array,
+               dtype: str, n: int, round_delta: bool = False) -> jax.Array:
     """Flat elements ``[offset, offset + count)`` of :func:`lora_rows`, zero-padded to ``n``.
 
     ``w``: ``[R, C]`` rows holding the chunk (``R * C >= offset + n``);
     ``offset``, ``count``: int32 scalars. Returns ``[n]`` of ``dtype``.
     """
-    flat = lora_rows(w, lhs, rhs, scale, zero, dtype, round_delta).reshape(-1)
+    flat = lora_rows(w, lhs, rhs, scale, dtype, round_delta).reshape(-1)
     piece = lax.dynamic_slice(flat, (offset,), (n,))
     return jnp.where(lax.iota(jnp.int32, n) < count, piece, jnp.zeros((), piece.dtype))
 
 
 def cast(x: jax.Array, dtype: str) -> jax.Array:
-    """``x`` in ``dtype`` (a tensor transformers casts on load, without a LoRA)."""
-    return x.astype(NP[dtype])
+    """``x`` rounded to ``dtype`` (a tensor transformers casts on load, without a LoRA)."""
+    return rounder(dtype)(x.astype(_F32)).astype(NP[dtype])
