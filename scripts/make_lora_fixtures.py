@@ -31,6 +31,9 @@ What is written (``OUT/``):
   tensor ``mergekit-yaml --lora-merge-cache`` writes, its ``vocab_size``
   and the token ids of a text; and the sha256 of every tensor of the
   ``--tiny`` base models (the tests check that they made the same ones).
+
+``extract.json`` (mergekit-extract-lora's per-tensor errors) is written by
+``scripts/lora_extract_compare.py --record``.
 """
 
 from __future__ import annotations

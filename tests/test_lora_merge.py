@@ -70,15 +70,17 @@ def test_bit_exact_with_mergekit_lora_merge_cache(name, workdir, tmp_path, monke
         assert _ids(out, RECORD["text"]) == rec["ids"]
 
 
-def test_chunk_size_does_not_change_bytes_and_manifest_records_adapters(workdir, tmp_path, monkeypatch):
+def test_chunk_size_and_sharding_do_not_change_bytes_and_manifest_records_adapters(workdir, tmp_path, monkeypatch):
     monkeypatch.chdir(workdir)
     cfg = load_config(LORA / "configs" / "tiny-superswallow.yaml")
     outs = []
-    for chunk in (1024, 1 << 20):
+    for chunk, shard in ((1024, None), (1 << 20, None), (4096, "64")):  # "64": adapted chunks spread over the 8 devices
+        if shard:
+            monkeypatch.setenv("SUPERSWALLOW_MIN_SHARD_ELEMS", shard)
         outs.append(tmp_path / f"out-{chunk}")
         run_merge(cfg, outs[-1], MergeOptions(seed=0, fsync=False, chunk_elems=chunk))
     m = [json.loads((o / "merge_manifest.json").read_text()) for o in outs]
-    assert m[0]["model_digest"] == m[1]["model_digest"]
+    assert m[0]["model_digest"] == m[1]["model_digest"] == m[2]["model_digest"]
     files = m[0]["input_files_sha256"]
     ref = "./tiny/tulu+./adapters/tiny-down"
     for f in ("adapter_config.json", "adapter_model.safetensors"):
