@@ -104,6 +104,7 @@ def logits(ft: Path, base: Path, ours: Path, merged: Path) -> dict:
 
     return {"peft_vs_merged": rel(l_peft, l_merged), "peft_vs_finetune": rel(l_peft, l_ft),
             "merged_vs_finetune": rel(l_merged, l_ft), "base_vs_finetune": 1.0,
+            "max_abs_finetune_minus_base": scale, "max_abs_logit": float(l_ft.abs().max()),
             "note": "max |logit difference| / max |finetune - base logits|"}
 
 

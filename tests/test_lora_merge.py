@@ -170,3 +170,20 @@ def test_every_read_path_gives_the_same_adapted_values(workdir, monkeypatch):
             assert np.array_equal(got[: b - a], full.reshape(-1)[a:b]) and not got[b - a:].any()
             ids = np.array([7, 3, 4, 5, rows - 1])
             assert np.array_equal(fetch._rows(step, 0, ids), full[ids])
+
+
+def test_adapter_by_hub_id_from_the_cache(workdir, tmp_path, monkeypatch):
+    """``base+org/name``: the adapter found in the Hugging Face cache, as models are; same bytes as by path."""
+    from .test_published import _hub_cache
+
+    hub = tmp_path / "hub"
+    _hub_cache(hub, "someone/swallow-lora-r8", LORA / "adapters" / "r8")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.delenv("SUPERSWALLOW_MODEL_CACHE", raising=False)
+    monkeypatch.chdir(workdir)
+    text = (LORA / "configs" / "linear-r8.yaml").read_text()
+    run_merge(parse_config(text.replace("./adapters/r8", "someone/swallow-lora-r8")), tmp_path / "out",
+              MergeOptions(seed=0, fsync=False))
+    assert _sha(tmp_path / "out") == RECORD["configs"]["linear-r8.yaml"]["tensors"]
+    files = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())["input_files_sha256"]
+    assert "./models/swallow+someone/swallow-lora-r8/adapter/adapter_model.safetensors" in files
