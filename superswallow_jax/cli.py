@@ -261,6 +261,59 @@ def plan(
         _fail(e)
 
 
+@app.command("extract-lora")
+def extract_lora(
+    finetuned: str = typer.Argument(..., help="the fine-tuned model (folder or cached Hub id)"),
+    base: str = typer.Argument(..., help="its base model"),
+    out: Path = typer.Argument(..., help="the adapter folder to write"),
+    rank: int = typer.Option(..., "--rank", help="the rank of every LoRA (the largest, with --rank-by-energy)"),
+    modules: Optional[list[str]] = typer.Option(None, "--modules", help="only modules whose name matches this regular expression (repeatable; default: every linear layer)"),
+    rank_by_energy: Optional[float] = typer.Option(None, "--rank-by-energy", help="per tensor, the smallest rank keeping this share of ||dW||^2 (at most --rank)"),
+    dtype: str = typer.Option("float32", help="dtype of the factors: float32, bfloat16 or float16"),
+    skip_embeddings: bool = typer.Option(False, "--skip-embeddings", help="leave embeddings and lm_head out (default: saved whole in modules_to_save, as mergekit does)"),
+    seed: int = typer.Option(0, help="seed of the randomized SVD's test matrices; same seed -> same bytes"),
+    iters: int = typer.Option(4, help="power iterations of the randomized SVD (big tensors)"),
+    force: bool = typer.Option(False, help="replace an adapter already in OUT"),
+    fsync: bool = typer.Option(True, help="fsync the files before renaming them into place"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="only the summary, not a line per tensor"),
+) -> None:
+    """Factorise a fine-tune's difference from its base into a PEFT LoRA adapter (truncated SVD per tensor).
+
+    Prints, per tensor, the rank, the relative Frobenius error of the reconstruction and the energy kept
+    (also in OUT/extract_report.json), then a summary."""
+    from superswallow_jax.dtypes import config_code
+    from superswallow_jax.errors import ConfigError, SuperswallowError
+    from superswallow_jax.lora.extract import ExtractOptions, run_extract
+
+    _streaming_setup()
+
+    def line(rep, i: int, n: int) -> None:
+        if not quiet:
+            typer.echo(f"[{i}/{n}] {rep.name} {list(rep.shape)}: " + (
+                f"rank {rep.rank}, error {rep.error:.4f} (merged {rep.merged_error:.4f}), energy {rep.energy:.4f} "
+                f"({rep.svd} SVD)"
+                if rep.kind == "lora" else rep.kind))
+
+    try:
+        code = config_code(dtype)
+        if code is None:
+            raise ConfigError(f"--dtype: unsupported dtype {dtype!r} (use float32, float16 or bfloat16)")
+        opts = ExtractOptions(rank=rank, energy=rank_by_energy, modules=tuple(modules or ()), dtype=code, seed=seed,
+                              iters=iters, skip_embeddings=skip_embeddings, force=force, fsync=fsync)
+        res = run_extract(finetuned, base, out, opts, on_tensor=line)
+    except (SuperswallowError, OSError) as e:
+        _fail(e)
+        return
+    s = res.summary()
+    typer.echo(f"{res.out}: {s['lora']} LoRA modules (rank <= {s['max_rank']}), {s['saved']} tensors saved whole, "
+               f"{s['unchanged']} unchanged, {s['left_out']} left out; relative error mean {s['mean_error']:.4f} "
+               f"max {s['max_error']:.4f} (merged into the base: max {s['max_merged_error']:.4f}), "
+               f"energy kept mean {s['mean_energy']:.4f}")
+    for t in res.tensors:
+        if t.kind == "left out":
+            typer.echo(f"warning: {t.name}: left out: {t.note}", err=True)
+
+
 @app.command()
 def tiny(
     out: Path = typer.Argument(Path("models"), help="folder for the tiny models"),

@@ -17,6 +17,7 @@ import yaml
 
 from .dtypes import config_code
 from .errors import ConfigError, short
+from .lora.reference import split_reference
 from .registry import ALL_PARAMS, METHODS, MethodSpec, get_method
 from .params import Setting, coerce, literals, parse_setting
 
@@ -107,7 +108,7 @@ def _model_ref(raw: object, where: str) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise ConfigError(f"{where}: model reference must be a non-empty string")
     if "+" in raw:
-        raise ConfigError(f"{where}: LoRA model references ({short(raw)}) are not supported")
+        split_reference(raw.strip(), where)  # base+adapter: checked now, opened when planned
     return raw.strip()
 
 

@@ -61,10 +61,10 @@ class Placement:
             return NamedSharding(self.mesh, PartitionSpec(AXIS))
         return SingleDeviceSharding(self.devices[0])
 
-    def put(self, x: np.ndarray) -> jax.Array:
-        """Place flat host array ``x``; each device reads only its own slice."""
+    def put(self, x: np.ndarray | jax.Array) -> jax.Array:
+        """Place flat host array ``x``; each device reads only its own slice (a device array is resharded)."""
         sharding = self.sharding_for(x.size)
-        if isinstance(sharding, SingleDeviceSharding):
+        if isinstance(sharding, SingleDeviceSharding) or isinstance(x, jax.Array):
             return jax.device_put(x, sharding)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 

@@ -84,7 +84,9 @@ def _tensor_lines(plan: Plan, s: Step) -> list[str]:
     out = [f"{s.name} {list(s.shape)} {s.out_dtype} t={s.t:.4f}{' embed' if s.embed else ''}{'  ' + g if g else ''}"]
     for i, src in enumerate(s.sources):
         role = "base " if i == s.base else ""
-        out.append(f"    <- {role}{plan.models[src.model].key}:{src.tensor.name}  {describe_params(src.params)}".rstrip())
+        d = src.adapt.delta if src.adapt is not None else None
+        lora = f"  + LoRA r={d.rank} scale={d.scale:.6g}{' (transposed)' if d.transposed else ''}" if d else ""
+        out.append(f"    <- {role}{plan.models[src.model].key}:{src.tensor.name}{lora}  {describe_params(src.params)}".rstrip())
     return out
 
 
@@ -94,6 +96,11 @@ def _summary(plan: Plan) -> list[str]:
     for i, m in enumerate(plan.models):
         files = m.checkpoint.files
         out.append(f"model[{i}]: {m.key} -> {m.dir} ({m.checkpoint.format}, {len(files)} file{'s' * (len(files) != 1)})")
+        if m.adapter is not None:
+            c = m.adapter.config
+            out.append(f"    adapter: {m.adapter.dir} (LoRA r={c.r}, alpha={c.lora_alpha:g}{', rsLoRA' if c.use_rslora else ''}, "
+                       f"{len(m.adapter.factors)} modules, {len(m.adapter.saved)} saved tensors; "
+                       f"applied in {m.checkpoint.dtype})")
     if plan.tokenizer is not None:
         out.append(f"tokenizer: {plan.config.tokenizer.source}, output vocabulary {len(plan.tokenizer.tokens)} "
                    f"(padded {plan.tokenizer.padded_vocab_size})")

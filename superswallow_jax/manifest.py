@@ -294,11 +294,15 @@ def read_manifest(model_dir: Path) -> dict | None:
 
 
 def input_files(plan) -> dict[str, Path]:
-    """Every weight file and config.json of every input model, labelled ``<model ref>/<file name>``."""
+    """Every weight file and config.json of every input model, labelled ``<model ref>/<file name>``;
+    a ``base+adapter`` model's adapter files as ``<model ref>/adapter/<file name>``."""
     files = {}
     for m in plan.models:
         for f in [*m.checkpoint.files, m.dir / "config.json"]:
             files[f"{m.key}/{f.name}"] = f
+        if m.adapter is not None:
+            for f in m.adapter.files:
+                files[f"{m.key}/adapter/{f.name}"] = f
     return files
 
 

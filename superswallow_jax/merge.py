@@ -62,7 +62,8 @@ def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions
     output = Output(plan, out_dir, opts, procs, say or (lambda _line: None), stage)
     with plan:
         try:
-            output.prepare({m.key: m.dir for m in plan.models})
+            output.prepare({**{m.key: m.dir for m in plan.models},
+                            **{f"{m.key} (adapter)": m.adapter.dir for m in plan.models if m.adapter is not None}})
             digests, inputs, files, written, kept = _write_tensors(plan, output, opts, progress, order, stage)
             manifest = mf.build_manifest(plan, opts, inputs, digests, files)
             manifest.update({"stage": stage} if stage is not None else {}, **(manifest_extra or {}))
@@ -154,7 +155,7 @@ def plan_summary(plan: Plan) -> dict:
     return {
         "merge_method": plan.method.name,
         "architecture": plan.arch.name,
-        "models": [{"key": m.key, "dir": str(m.dir)} for m in plan.models],
+        "models": [_model_summary(m) for m in plan.models],
         "base_model": plan.models[plan.base_model].key if plan.base_model is not None else None,
         "vocab_size": plan.out_config.get("vocab_size"),
         "shards": [list(s) for s in plan.shards],
@@ -164,13 +165,32 @@ def plan_summary(plan: Plan) -> dict:
                 "t": s.t, "embed": s.embed, "params": dict(s.params),
                 "sources": [
                     {"model": plan.models[x.model].key, "tensor": x.tensor.name, "file": x.tensor.path.name,
-                     "offsets": [x.tensor.begin, x.tensor.end], "params": dict(x.params), "base": i == s.base}
+                     "offsets": [x.tensor.begin, x.tensor.end], "params": dict(x.params), "base": i == s.base,
+                     **({"lora": _lora_summary(x.adapt)} if x.adapt is not None else {})}
                     for i, x in enumerate(s.sources)
                 ],
             }
             for s in plan.steps
         ],
     }
+
+
+def _model_summary(m) -> dict:
+    out = {"key": m.key, "dir": str(m.dir)}
+    if m.adapter is not None:
+        c = m.adapter.config
+        out["adapter"] = {"dir": str(m.adapter.dir), "file": m.adapter.file.path.name, "r": c.r,
+                          "lora_alpha": c.lora_alpha, "use_rslora": c.use_rslora, "modules": len(m.adapter.factors),
+                          "saved": sorted(m.adapter.saved), "load_dtype": m.checkpoint.dtype}
+    return out
+
+
+def _lora_summary(ad) -> dict:
+    """A base+adapter source: its load dtype and, with a LoRA, rank, scale and orientation."""
+    out = {"dtype": ad.dtype}
+    if ad.delta is not None:
+        out.update(rank=ad.delta.rank, scale=ad.delta.scale, transposed=ad.delta.transposed)
+    return out
 
 
 def dumps_plan(plan: Plan) -> str:

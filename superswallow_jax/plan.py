@@ -30,11 +30,14 @@ from .chat_template import resolve_chat_template
 from .config import MergeConfig, SliceSpec, SourceSpec
 from .dtypes import BY_CODE, FLOAT_CODES
 from .errors import ConfigError, PlanError, short
-from .io.model_dir import read_model_config, resolve_model
+from .io.model_dir import read_model_config, resolve_model, resolve_model_dir
 from .io.checkpoint import Checkpoint
 from .io.reader import TensorInfo
 from .io.writer import TensorSpec, assign_shards
+from .lora.adapted import AdaptedCheckpoint, Adaptation
+from .lora.adapter import Adapter
 from .registry import MethodSpec
+from .lora.reference import split_reference
 from .params import Setting, coerce, numeric_string
 
 if TYPE_CHECKING:  # types only: importing the tokenizer costs start-up time
@@ -47,14 +50,26 @@ if TYPE_CHECKING:  # types only: importing the tokenizer costs start-up time
 class ModelInput:
     """One referenced model: its config key, folder, config.json (read-only) and open weights.
 
-    The :class:`Plan` holding it closes the checkpoint (``with plan:``).
+    A ``base+adapter`` reference has the base's folder and config and an
+    :class:`~superswallow_jax.lora.adapted.AdaptedCheckpoint` (the adapter
+    applied as tensors are read). The :class:`Plan` holding it closes the
+    checkpoint (``with plan:``).
     """
 
     key: str
     dir: Path
     config: Mapping[str, Any]
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | AdaptedCheckpoint
     hub: HubSource | None = None  # for a Hugging Face id: repo, revision asked for, commit
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The LoRA adapter of a ``base+adapter`` reference, else None."""
+        return self.checkpoint.adapter if isinstance(self.checkpoint, AdaptedCheckpoint) else None
+
+    def adaptation(self, info: TensorInfo) -> Adaptation | None:
+        """How tensor ``info`` of this model is made from what is stored (None: read as stored)."""
+        return self.checkpoint.adaptation(info.name) if isinstance(self.checkpoint, AdaptedCheckpoint) else None
 
 
 @dataclass(frozen=True)
@@ -62,8 +77,14 @@ class Source:
     """One input tensor of a step."""
 
     model: int  # index into Plan.models (stable: config order) -- also the PRNG key index
-    tensor: TensorInfo
+    tensor: TensorInfo  # what is stored (read)
     params: Mapping[str, Any]  # resolved per-model parameters
+    adapt: Adaptation | None = None  # a base+adapter model's tensor: how it is made from ``tensor``
+
+    @property
+    def dtype(self) -> str:
+        """The dtype code the merge sees (a base+adapter model's load dtype)."""
+        return self.adapt.dtype if self.adapt is not None else self.tensor.dtype
 
 
 @dataclass(frozen=True)
@@ -241,11 +262,23 @@ def load_models(cfg: MergeConfig, aliases: Mapping[str, Path] | None = None,
                 hub: HubAccess | None = None) -> tuple[ModelInput, ...]:
     """Resolve and open every referenced model (headers only). ``aliases``: model
     references that name folders directly (a recipe's earlier stages); ``hub``:
-    how Hugging Face ids may reach the Hub (:class:`~superswallow_jax.io.hub.HubAccess`)."""
-    out = []
-    for ref in cfg.referenced_models():
-        d, src = (Path(aliases[ref]), None) if aliases and ref in aliases else resolve_model(ref, hub)
-        out.append(ModelInput(ref, d, MappingProxyType(read_model_config(d)), Checkpoint(d), src))
+    how Hugging Face ids may reach the Hub (:class:`~superswallow_jax.io.hub.HubAccess`);
+    a ``base+adapter`` reference opens the base and the adapter."""
+    out: list[ModelInput] = []
+    try:
+        for ref in cfg.referenced_models():
+            base, adapter = split_reference(ref, "model")
+            d, src = (Path(aliases[base]), None) if aliases and base in aliases else resolve_model(base, hub)
+            conf = read_model_config(d)
+            ckpt: Checkpoint | AdaptedCheckpoint = Checkpoint(d)
+            if adapter is not None:
+                ad = Adapter(adapter, resolve_model_dir(adapter, hub, "adapter"))
+                ckpt = AdaptedCheckpoint(ckpt, ad, conf, f"model {ref}")
+            out.append(ModelInput(ref, d, MappingProxyType(conf), ckpt, src))
+    except BaseException:
+        for m in out:
+            m.checkpoint.close()
+        raise
     return tuple(out)
 
 
@@ -392,6 +425,11 @@ class _Planner:
                 raise PlanError(f"model {self.models[m].key}: tensor {info.name} has non-float dtype {info.dtype}")
         return srcs
 
+    def dtype(self, m: int, info: TensorInfo) -> str:
+        """The dtype model ``m``'s tensor ``info`` has for the merge (a base+adapter model's load dtype)."""
+        ad = self.models[m].adaptation(info)
+        return ad.dtype if ad is not None else info.dtype
+
     def shape(self, w: WeightTemplate, srcs, out_name: str, embed: bool) -> tuple[int, ...]:
         """The output shape: the common shape, or (output vocabulary, hidden) for aligned embeddings."""
         def detail() -> str:
@@ -421,11 +459,12 @@ class _Planner:
         base_pos = next((i for i, (m, _, _) in enumerate(srcs) if m == sl.base), None)
         if method.needs_base_tensor and base_pos is None:
             raise PlanError(f"tensor {out_name}: base model {models[sl.base].key if sl.base is not None else '?'} lacks it")
-        work = cfg.dtype or _promote([info.dtype for _, _, info in srcs])
+        work = cfg.dtype or _promote([self.dtype(m, info) for m, _, info in srcs])
         if work == "F64":
             raise ConfigError("dtype: float64 math is not supported; set dtype: float32")
         sources = tuple(
-            Source(m, info, _resolve_model_params(method, sl.slice, cfg, spec, info.name, t, m == sl.base, models[m].key))
+            Source(m, info, _resolve_model_params(method, sl.slice, cfg, spec, info.name, t, m == sl.base, models[m].key),
+                   models[m].adaptation(info))
             for m, spec, info in srcs
         )
         gparams = _resolve_global_params(method, sl.slice, cfg, out_name, t)
@@ -499,7 +538,8 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
     donor = models[base_model if base_model is not None else 0]
     out_cfg = _out_config(cfg, donor, arch, forced_out or cfg.dtype, layers, tokens.output)
     chat = resolve_chat_template(cfg.chat_template, [m.dir for m in models])
-    warnings = (*cfg.warnings, *_unmatched_filters(cfg, steps))
+    adapters = [w for m in models if m.adapter is not None for w in m.adapter.warnings]
+    warnings = (*cfg.warnings, *adapters, *_unmatched_filters(cfg, steps))
     return Plan(cfg, cfg.method, models, base_model, arch, tuple(steps), shards, out_cfg, tokens.output, chat, warnings)
 
 

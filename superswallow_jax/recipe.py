@@ -31,6 +31,7 @@ from typing import Callable
 import yaml
 
 from . import manifest as mf
+from .lora.reference import split_reference
 from .config import MergeConfig, load_yaml, StrictLoader, parse_config, read_config_text
 from .errors import ConfigError, ModelError, short
 from .options import MergeOptions
@@ -85,8 +86,14 @@ def _documents(text: str, file: str) -> list[tuple[str, dict]]:
 
 
 def _refs(cfg: MergeConfig) -> set[str]:
-    """The models a stage reads (a tokenizer source must be one of them, so it adds none)."""
-    return set(cfg.referenced_models())
+    """The models a stage reads (a tokenizer source must be one of them, so it adds none); of a
+    ``base+adapter`` reference, the base (which may be a stage)."""
+    return {split_reference(r)[0] for r in cfg.referenced_models()}
+
+
+def _adapters(cfg: MergeConfig) -> set[str]:
+    """The LoRA adapters of a stage's ``base+adapter`` references."""
+    return {a for r in cfg.referenced_models() if (a := split_reference(r)[1]) is not None}
 
 
 def _order(stages: dict[str | None, Stage], file: str) -> list[Stage]:
@@ -162,6 +169,11 @@ def check_references(recipe: Recipe, hub=None) -> None:
                 stages = ", ".join(sorted(names)) or "none"
                 raise ConfigError(f"{recipe.file}: stage {s.label}: model {short(ref)} is neither a stage of this recipe "
                                   f"({stages}) nor a model that resolves: {e}") from None
+        for ad in sorted(_adapters(s.config)):
+            try:
+                resolve_model_dir(ad, hub, "adapter")
+            except ModelError as e:
+                raise ConfigError(f"{recipe.file}: stage {s.label}: {e}") from None
 
 
 def stage_dirs(recipe: Recipe, out: Path, intermediate_dir: Path | None) -> dict[str, Path]:
@@ -175,6 +187,7 @@ def _raw_inputs(stage: Stage, names: set, hub=None) -> dict[str, Path]:
     """Weight files and config.json of every model a stage reads that is not a stage, by ``<ref>/<file>``."""
     from .io.checkpoint import Checkpoint
     from .io.model_dir import resolve_model_dir
+    from .lora.adapter import Adapter
 
     files: dict[str, Path] = {}
     for ref in sorted(_refs(stage.config) - names):
@@ -182,6 +195,11 @@ def _raw_inputs(stage: Stage, names: set, hub=None) -> dict[str, Path]:
         with Checkpoint(d) as ck:
             for f in [*ck.files, d / "config.json"]:
                 files[f"{ref}/{f.name}"] = f
+    for ad in sorted(_adapters(stage.config)):
+        adapter = Adapter(ad, resolve_model_dir(ad, hub, "adapter"))
+        for f in adapter.files:
+            files[f"{ad}/adapter/{f.name}"] = f
+        adapter.close()
     return files
 
 

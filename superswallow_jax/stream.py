@@ -19,6 +19,7 @@ import numpy as np
 
 from .devices import Placement
 from .hostbuf import HostBuffers
+from .lora.fetch import LoraReader
 from .dtypes import NP
 from .host import blocks as hb
 from .passcache import PassCache
@@ -96,6 +97,8 @@ class InputFetcher:
         self.ahead: dict[tuple, list[Future]] = {}
         #: tensor -> the element up to which the kernel was asked to read ahead
         self.hinted: dict[str, int] = {}
+        #: sources of ``base+adapter`` models (``Source.adapt``), made on the device
+        self.lora = LoraReader(lambda m, info: plan.models[m].checkpoint.file(info))
 
     def start(self, step: Step, a: int, b: int, n: int) -> list[Future]:
         """Start reading every source's elements [a, b) (padded to ``n``) on the pool."""
@@ -120,15 +123,21 @@ class InputFetcher:
 
     def _view(self, step: Step, i: int) -> np.ndarray:
         src = step.sources[i]
-        return self.plan.models[src.model].checkpoint.file(src.tensor).view(src.tensor.name)
+        return self.plan.models[src.model].checkpoint.file(src.tensor).view_of(src.tensor)
 
     def _rows(self, step: Step, j: int, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of source ``j``'s original matrix (a new array)."""
         src = step.sources[j]
+        if src.adapt is not None:
+            return self.lora.rows(src.model, src.tensor, src.adapt, ids)
         return self.plan.models[src.model].checkpoint.file(src.tensor).read_rows(src.tensor, ids)
 
     def chunk(self, step: Step, i: int, a: int, b: int) -> np.ndarray:
-        """Elements [a, b) of source ``i`` of ``step``, flattened (dtype as stored)."""
+        """Elements [a, b) of source ``i`` of ``step``, flattened (dtype as stored; a ``base+adapter``
+        source: its load dtype)."""
+        src = step.sources[i]
+        if not step.embed and src.adapt is not None:
+            return self.lora.chunk(src.model, src.tensor, src.adapt, a, b)
         if not step.embed:
             return self._view(step, i).reshape(-1)[a:b]
         hidden = step.shape[1]
@@ -137,19 +146,22 @@ class InputFetcher:
                                            tensor=step.name, pad_cache=self.pad_rows)
         return np.ascontiguousarray(rows).reshape(-1)[a - r0 * hidden : b - r0 * hidden]
 
-    def padded(self, step: Step, i: int, a: int, b: int, n: int) -> np.ndarray:
+    def padded(self, step: Step, i: int, a: int, b: int, n: int) -> np.ndarray | jax.Array:
         """Elements [a, b) of source ``i``, zero-padded to ``n`` (dtype as stored; a pooled buffer).
 
         The array is only valid until the caller drops it and every JAX array
-        made from it: then the pool hands the memory out again.
+        made from it: then the pool hands the memory out again. A source of a
+        ``base+adapter`` model comes back as a device array, in its load dtype.
         """
+        src = step.sources[i]
+        if not step.embed and src.adapt is not None:
+            return self.lora.padded(src.model, src.tensor, src.adapt, a, b, n)
         if step.embed:
             x = self.chunk(step, i, a, b)
             out = self.buffers.get(n * x.dtype.itemsize).view(x.dtype)
             out[: x.size] = x
             out[x.size :] = 0
             return out
-        src = step.sources[i]
         dt = src.tensor.np_dtype
         buf = self.buffers.get(n * dt.itemsize)
         k = (b - a) * dt.itemsize

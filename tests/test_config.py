@@ -78,7 +78,8 @@ base_model: a
         (BASE.replace("{weight: 0.5}", "{weight: [{filter: mlp, value: 1}, 3]}"), "cannot mix"),
         ("models: [", "invalid YAML"),
         (BASE + "tokenizer: {source: union, pad_to_multiple_of: -3}\n", "pad_to_multiple_of"),
-        (BASE.replace("model: b", "model: b+lora"), "LoRA"),
+        (BASE.replace("model: b", "model: b+lora+x"), "at most one"),
+        (BASE.replace("model: b", "model: b+ "), "on either side"),
     ],
 )
 def test_errors_name_the_key(text, needle, tmp_path):

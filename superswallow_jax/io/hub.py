@@ -44,7 +44,8 @@ from ..errors import ModelError, SafetensorsError, short
 from .checkpoint import WeightChoice, choose_weights, read_index
 from .model_dir import COPY_FILES, TOKENIZER_FILES
 
-__all__ = ["HubAccess", "HubSource", "hub_cache_dir", "offline_by_env", "resolve_hub_model", "wanted_files"]
+__all__ = ["HubAccess", "HubSource", "hub_cache_dir", "offline_by_env", "resolve_hub_adapter", "resolve_hub_model",
+           "wanted_files"]
 
 #: Values of HF_HUB_OFFLINE that mean "on" (huggingface_hub's own list).
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -144,13 +145,72 @@ def resolve_hub_model(ref: str, access: HubAccess | None = None) -> tuple[Path, 
     return snap, HubSource(repo_id, revision, snap.name)
 
 
-def _check_id(ref: str, repo_id: str) -> None:
+#: The files of a PEFT LoRA adapter repo that a merge reads.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def resolve_hub_adapter(ref: str, access: HubAccess | None = None) -> tuple[Path, HubSource]:
+    """The snapshot folder of the LoRA adapter repo ``ref`` (``org/name[@revision]``) and where it came from.
+
+    The cache first; else (unless offline, or for ``plan``) a download of
+    ``adapter_config.json`` and the adapter weights only. Raises ModelError (one line).
+    """
+    access = access or HubAccess()
+    repo_id, _, revision = ref.partition("@")
+    want = access.pins.get(ref) or revision or None
+    _check_id(ref, repo_id, "adapter")
+    cache = hub_cache_dir()
+    snap = _cached_adapter(repo_id, want, cache)
+    if snap is None:
+        what = f"{repo_id}@{want}" if want else repo_id
+        if access.offline or offline_by_env() or not access.download:
+            why = ("plan reads only cached adapters: `superswallow merge` downloads it" if not access.download
+                   else "downloads are off (--offline or HF_HUB_OFFLINE=1); run once without them to download it")
+            raise ModelError(f"adapter {short(ref)}: {what} is not in the Hugging Face cache {cache}; {why}")
+        with _hub_errors(ref, repo_id, want, cache, "adapter"):
+            snap = _fetch_adapter(ref, repo_id, want, cache, access)
+    return snap, HubSource(repo_id, revision or None, snap.name)
+
+
+def _cached_adapter(repo_id: str, revision: str | None, cache: Path) -> Path | None:
+    """The cache's snapshot of an adapter repo if it holds ``adapter_config.json`` and weights, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, ADAPTER_FILES[0], cache_dir=cache, revision=revision or "main")
+    if not isinstance(found, str):
+        return None
+    snap = Path(found).parent
+    return snap.resolve() if any((snap / n).is_file() for n in ADAPTER_FILES[1:]) else None
+
+
+def _fetch_adapter(ref: str, repo_id: str, revision: str | None, cache: Path, access: HubAccess) -> Path:
+    """Download ``adapter_config.json`` and the adapter's weights (safetensors if the repo has them)."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(**_client())
+    rev = api.resolve_revision(repo_id, revision=revision, cache_dir=cache)
+    info = api.model_info(repo_id, revision=rev.resolved, files_metadata=True)
+    if info.gated and _token() is None:
+        raise ModelError(_gated(ref, repo_id, "adapter"))
+    top = {x.rfilename for x in info.siblings or ()}
+    weights = [n for n in ADAPTER_FILES[1:] if n in top][:1]
+    if ADAPTER_FILES[0] not in top or not weights:
+        raise ModelError(f"adapter {short(ref)}: {repo_id}@{rev.resolved[:12]} has no adapter_config.json with "
+                         "adapter_model.safetensors or adapter_model.bin")
+    if access.say is not None:
+        access.say(f"downloading adapter {repo_id}@{revision or 'main'} (commit {rev.resolved})")
+    for name in (ADAPTER_FILES[0], *weights):
+        last = hf_hub_download(repo_id, name, revision=rev, cache_dir=cache, **_client())
+    return Path(last).parent.resolve()
+
+
+def _check_id(ref: str, repo_id: str, what: str = "model") -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ModelError(f"model {short(ref)}: not a Hugging Face id ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"{what} {short(ref)}: not a Hugging Face id ({str(e).splitlines()[0]})") from None
 
 
 def cached_snapshot(repo_id: str, revision: str | None, cache: Path) -> Path | None:
@@ -300,17 +360,17 @@ def _bar_class(advance: Callable[[int], None]) -> type:
 
 
 @contextmanager
-def _hub_errors(ref: str, repo_id: str, revision: str | None, cache: Path) -> Iterator[None]:
+def _hub_errors(ref: str, repo_id: str, revision: str | None, cache: Path, what: str = "model") -> Iterator[None]:
     """huggingface_hub's and the network's exceptions as one ModelError line naming the model."""
     from huggingface_hub import errors as he
     from huggingface_hub.utils import OfflineModeIsEnabled, httpx  # httpx: the HTTP client huggingface_hub uses
 
     where = _endpoint() or "https://huggingface.co"
-    head = f"model {short(ref)}"
+    head = f"{what} {short(ref)}"
     try:
         yield
     except he.GatedRepoError:
-        raise ModelError(_gated(ref, repo_id)) from None
+        raise ModelError(_gated(ref, repo_id, what)) from None
     except he.RepositoryNotFoundError:
         raise ModelError(f"{head}: {_not_found(repo_id, where)}") from None
     except he.RevisionNotFoundError:
@@ -335,9 +395,9 @@ def _token() -> str | None:
     return get_token()
 
 
-def _gated(ref: str, repo_id: str) -> str:
+def _gated(ref: str, repo_id: str, what: str = "model") -> str:
     where = _endpoint() or "https://huggingface.co"
-    return f"model {short(ref)}: {repo_id} is gated: accept its conditions at {where}/{repo_id}, then {_LOGIN}"
+    return f"{what} {short(ref)}: {repo_id} is gated: accept its conditions at {where}/{repo_id}, then {_LOGIN}"
 
 
 def _not_found(repo_id: str, where: str) -> str:

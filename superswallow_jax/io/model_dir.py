@@ -41,19 +41,20 @@ def _cache_dirs() -> list[Path]:
     return dirs
 
 
-def resolve_model(ref: str, hub: HubAccess | None = None) -> tuple[Path, HubSource | None]:
-    """Map a model reference to an existing local folder, or raise ModelError (one line).
+def resolve_model(ref: str, hub: HubAccess | None = None, what: str = "model") -> tuple[Path, HubSource | None]:
+    """Map a model (or LoRA adapter) reference to an existing local folder, or raise ModelError (one line).
 
     Returns the folder and, for a Hugging Face id, where it came from (repo,
     revision asked for, commit). ``hub``: how ids may reach the Hub (default:
-    the cache, then downloads unless ``HF_HUB_OFFLINE``).
+    the cache, then downloads unless ``HF_HUB_OFFLINE``). ``what``: ``model``
+    or ``adapter`` (an adapter id fetches ``adapter_config.json`` and its weights).
     """
     path = ref.partition("@")[0]
     p = Path(path).expanduser()
     if p.is_dir():
         return p.resolve(), None
     if p.exists():
-        raise ModelError(f"model {short(ref)}: {p} is a file, expected a model folder")
+        raise ModelError(f"{what} {short(ref)}: {p} is a file, expected a {what} folder")
     looked = [str(p)]
     parts = path.split("/")
     if len(parts) == 2 and all(parts):
@@ -64,16 +65,16 @@ def resolve_model(ref: str, hub: HubAccess | None = None) -> tuple[Path, HubSour
                 if cand.is_dir():
                     return cand.resolve(), None
         if looks_like_hf_id(ref):
-            from .hub import resolve_hub_model
+            from .hub import resolve_hub_adapter, resolve_hub_model
 
-            return resolve_hub_model(ref, hub)
-    raise ModelError(f"model {short(ref)} not found locally (looked in: {', '.join(looked)}); "
-                     "a model is a folder, or a Hugging Face id org/name[@revision]")
+            return resolve_hub_adapter(ref, hub) if what == "adapter" else resolve_hub_model(ref, hub)
+    raise ModelError(f"{what} {short(ref)} not found locally (looked in: {', '.join(looked)}); "
+                     f"a {what} is a folder, or a Hugging Face id org/name[@revision]")
 
 
-def resolve_model_dir(ref: str, hub: HubAccess | None = None) -> Path:
-    """The local folder of a model reference (:func:`resolve_model` without the source)."""
-    return resolve_model(ref, hub)[0]
+def resolve_model_dir(ref: str, hub: HubAccess | None = None, what: str = "model") -> Path:
+    """The local folder of a model or adapter reference (:func:`resolve_model` without the source)."""
+    return resolve_model(ref, hub, what)[0]
 
 
 def check_inside(path: Path, model_dir: Path) -> Path:

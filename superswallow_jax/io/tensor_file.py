@@ -104,7 +104,10 @@ class TensorFile:
 
     def view(self, name: str) -> np.ndarray:
         """Zero-copy view of tensor ``name`` (shape and dtype from the header)."""
-        info = self.tensors[name]
+        return self.view_of(self.tensors[name])
+
+    def view_of(self, info: TensorInfo) -> np.ndarray:
+        """Zero-copy view of the tensor ``info`` describes (a tensor of this file, under any name)."""
         raw = self._mapping()[info.begin : info.end]
         if info.begin % info.np_dtype.itemsize == 0:
             return raw.view(info.np_dtype).reshape(info.shape)
