@@ -25,6 +25,7 @@ import numpy as np
 from . import programs
 from .devices import Placement
 from .dtypes import NP
+from .finite import NonFiniteTally, count_nonfinite
 from .passcache import PassCache, default_pass_cache_bytes
 from .plan import Plan, Step
 from .stream import InputFetcher, StepContext, bucket_for, chunk_size, default_chunk_elems, default_io_threads
@@ -53,8 +54,10 @@ class _Sink:
     and device memory.
     """
 
-    def __init__(self, sink: Callable[[str, int, np.ndarray], None] | None, workers: int = 1):
+    def __init__(self, sink: Callable[[str, int, np.ndarray], None] | None, workers: int = 1,
+                 nonfinite: NonFiniteTally | None = None):
         self.sink = sink
+        self.nonfinite = nonfinite  # counts the NaN/Inf values of every result
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="superswallow-writer")
         self.slots = threading.Semaphore(workers + 1)
         self.last: dict[str, Future] = {}  # each tensor's latest chunk
@@ -68,6 +71,8 @@ class _Sink:
                 return  # drain after a failure
             ctx, a, b, res = item
             arr = np.asarray(res)[: b - a]
+            if self.nonfinite is not None:
+                self.nonfinite.output(ctx.step.name, count_nonfinite(arr))
             if self.sink is not None:
                 self.sink(ctx.step.name, a, arr)
             ctx.release(a, b)  # only now: XLA may read the mapped input until the result exists
@@ -96,19 +101,21 @@ class _Sink:
 
 
 def iter_results(plan: Plan, opts: ExecOptions, progress: Callable[[int], None] | None = None,
-                 order: Sequence[int] | None = None, sink: Callable[[str, int, np.ndarray], None] | None = None) -> Iterator[Step]:
+                 order: Sequence[int] | None = None, sink: Callable[[str, int, np.ndarray], None] | None = None,
+                 nonfinite: NonFiniteTally | None = None) -> Iterator[Step]:
     """Stream the plan, passing each output chunk to ``sink(name, flat_offset, array)``.
 
     ``sink`` runs on a writer thread, chunks of a tensor in order. Yields each
     step once its chunks are dispatched; when the iterator is exhausted every
-    chunk has gone to ``sink``.
+    chunk has gone to ``sink``. ``nonfinite``: where the NaN/Inf values of
+    every input and output chunk are counted.
     """
     chunk = chunk_size(opts.chunk_elems or default_chunk_elems())
     budget = default_pass_cache_bytes() if opts.pass_cache_bytes is None else opts.pass_cache_bytes
     threads = opts.io_threads or default_io_threads()
-    fetch = InputFetcher(plan, threads)
+    fetch = InputFetcher(plan, threads, nonfinite)
     placement = Placement.local()
-    writer = _Sink(sink, threads)
+    writer = _Sink(sink, threads, nonfinite)
     try:
         steps = plan.steps if order is None else [plan.steps[i] for i in order]
         for k, step in enumerate(steps):

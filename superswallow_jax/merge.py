@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from . import manifest as mf
 from . import devices as dv
+from . import finite
 from .config import MergeConfig
 from .devices import ProcessInfo
 from .execute import ExecOptions, iter_results
@@ -64,10 +65,13 @@ def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions
         try:
             output.prepare({**{m.key: m.dir for m in plan.models},
                             **{f"{m.key} (adapter)": m.adapter.dir for m in plan.models if m.adapter is not None}})
-            digests, inputs, files, written, kept = _write_tensors(plan, output, opts, progress, order, stage)
+            digests, inputs, files, written, kept, bad = _write_tensors(plan, output, opts, progress, order, stage)
             manifest = mf.build_manifest(plan, opts, inputs, digests, files)
+            manifest["nonfinite"] = bad
             manifest.update({"stage": stage} if stage is not None else {}, **(manifest_extra or {}))
             final = output.commit(manifest)
+            for line in finite.warnings(bad) if output.procs.is_main else ():
+                (say or (lambda _line: None))(line)
         except BaseException:
             output.abort()
             raise
@@ -90,29 +94,35 @@ def _write_tensors(plan: Plan, output: Output, opts: MergeOptions, progress, ord
         steps = [i for i in (order if order is not None else range(len(plan.steps))) if plan.steps[i].name in specs]
 
         finished, lock = [0], threading.Lock()
+        tally = finite.NonFiniteTally()
+        for n in kept:
+            tally.restore(n, journal.nonfinite.get(n, {}))
 
         def sink(name, offset, data):  # on the writer lanes: different tensors at once
             writer.write(name, offset, data)
             if hasher is not None:
                 done = hasher.feed(name, offset, data)
                 if done is not None:
-                    journal.add(name, done)
+                    journal.add(name, done, tally.of_step(name))
                     with lock:
                         finished[0] += 1
                         n = finished[0]
                     crash_point(f"{stage}/tensor-{n}" if stage else f"tensor-{n}")
 
         exe = ExecOptions(opts.seed, opts.chunk_elems, opts.pass_cache_bytes, stage, opts.io_threads)
-        for _ in iter_results(plan, exe, progress, steps, sink=sink):
+        for _ in iter_results(plan, exe, progress, steps, sink=sink, nonfinite=tally):
             pass
         digests = {n: mf.TensorDigest(n, plan.step(n).out_dtype, plan.step(n).shape, sha) for n, sha in kept.items()}
         digests.update(hasher.digests() if hasher is not None else {})
         input_hashes = inputs.join() if inputs is not None else {}
         writer.finish(opts.fsync)
         files = writer.file_sha256() if opts.digests and opts.file_digests else {}
+        bad = tally.record()
         if output.procs.count > 1:
             digests, input_hashes, files = _gather(output.procs, digests, input_hashes, files)
-        return digests, input_hashes, files, writer.bytes_written(), len(kept)
+            dv.kv_publish(f"superswallow/nonfinite/{output.procs.index}", bad)
+            bad = finite.combine(dv.kv_gather("superswallow/nonfinite", output.procs.count))
+        return digests, input_hashes, files, writer.bytes_written(), len(kept), bad
     finally:
         writer.abort()
         journal.close()

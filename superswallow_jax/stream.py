@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .devices import Placement
+from .finite import NonFiniteTally, count_nonfinite
 from .hostbuf import HostBuffers
 from .lora.fetch import LoraReader
 from .dtypes import NP
@@ -87,8 +89,10 @@ class InputFetcher:
     vocabulary-aligned embeddings, the re-ordered rows).
     """
 
-    def __init__(self, plan: Plan, threads: int = 1):
+    def __init__(self, plan: Plan, threads: int = 1, nonfinite: NonFiniteTally | None = None):
         self.plan = plan
+        #: where the non-finite values of every chunk :meth:`padded` reads are counted (None: not counted)
+        self.nonfinite = nonfinite
         self.buffers = HostBuffers()
         #: padding means of vocabulary-aligned embeddings (EmbeddingAlignment.padding_row)
         self.pad_rows: dict = {}
@@ -152,7 +156,17 @@ class InputFetcher:
         The array is only valid until the caller drops it and every JAX array
         made from it: then the pool hands the memory out again. A source of a
         ``base+adapter`` model comes back as a device array, in its load dtype.
+        Its NaN/Inf values are counted (:attr:`nonfinite`).
         """
+        out = self._padded(step, i, a, b, n)
+        if self.nonfinite is not None:
+            src = step.sources[i]
+            part = out[: b - a]
+            bad = count_nonfinite(part) if isinstance(part, np.ndarray) else int(jnp.sum(~jnp.isfinite(part)))
+            self.nonfinite.input(self.plan.models[src.model].key, src.tensor.name, step.name, a, bad)
+        return out
+
+    def _padded(self, step: Step, i: int, a: int, b: int, n: int) -> np.ndarray | jax.Array:
         src = step.sources[i]
         if not step.embed and src.adapt is not None:
             return self.lora.padded(src.model, src.tensor, src.adapt, a, b, n)

@@ -69,6 +69,8 @@ class DoneJournal:
         self.path = staging / RECORD_DIR / f"done-p{process}.jsonl"
         self._lock = threading.Lock()
         self._f = None
+        #: name -> the NaN/Inf counts recorded with it (:meth:`superswallow_jax.finite.NonFiniteTally.of_step`), by :meth:`load`
+        self.nonfinite: dict[str, dict] = {}
 
     def load(self) -> dict[str, str]:
         """name -> sha256 of the lines written so far (a cut-off last line is skipped)."""
@@ -81,16 +83,20 @@ class DoneJournal:
             try:
                 e = json.loads(line)
                 out[str(e["name"])] = str(e["sha256"])
+                if isinstance(e.get("nonfinite"), dict):
+                    self.nonfinite[str(e["name"])] = e["nonfinite"]
             except (ValueError, KeyError, TypeError):
                 continue
         return out
 
-    def add(self, name: str, sha256: str) -> None:
+    def add(self, name: str, sha256: str, nonfinite: Mapping | None = None) -> None:
+        """Tensor ``name`` is written, with digest ``sha256`` (and its NaN/Inf counts, when any)."""
+        entry = {"name": name, "sha256": sha256, **({"nonfinite": dict(nonfinite)} if nonfinite else {})}
         with self._lock:
             if self._f is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._f = open(self.path, "a", encoding="utf-8")
-            self._f.write(json.dumps({"name": name, "sha256": sha256}) + "\n")
+            self._f.write(json.dumps(entry) + "\n")
             self._f.flush()  # in the page cache: survives the process, which is what resume needs
 
     def close(self) -> None:
