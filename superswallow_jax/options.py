@@ -76,7 +76,7 @@ class MergeOptions:
     hash_inputs: bool = _opt(True, "sha256 of the input files (cached; free for Hugging Face cache files; otherwise "
                                    "one more read of every input)", flag="--input-digests")
     io_threads: int | None = _opt(None, "threads reading input chunks, and threads hashing and writing output "
-                                        "chunks (default: this process's cores, at most 8; the bytes never depend "
+                                        "chunks (default: this process's cores but one, 1 to 8; the bytes never depend "
                                         "on it)", cli_type=int)
 
     def __post_init__(self) -> None:

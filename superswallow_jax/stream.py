@@ -47,16 +47,18 @@ READ_AHEAD_BYTES = 64 << 20
 
 
 def default_io_threads() -> int:
-    """Reader and writer threads: the cores this process may run on, at most 8.
+    """Reader and writer threads: the cores this process may run on but one, at least 1, at most 8.
 
     ``pread``, ``pwrite`` and sha256 release the GIL, so threads scale until
-    the disk or the memory bus is the limit.
+    the disk or the memory bus is the limit. One core is left to the main
+    thread (dispatch) and XLA: on 2 cores, pools of 2 oversubscribe them
+    (docs/performance.md).
     """
     try:
         cores = len(os.sched_getaffinity(0))  # what taskset / cgroups allow, not the whole host
     except (AttributeError, OSError):  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    return max(1, min(8, cores - 1))
 
 
 def chunk_size(chunk_elems: int) -> int:

@@ -69,7 +69,7 @@ class DoneJournal:
         self.path = staging / RECORD_DIR / f"done-p{process}.jsonl"
         self._lock = threading.Lock()
         self._f = None
-        #: name -> the NaN/Inf counts recorded with it (:meth:`superswallow_jax.finite.NonFiniteTally.of_step`), by :meth:`load`
+        #: name -> the NaN/Inf counts recorded with it (``NonFiniteTally.of_step``), filled by :meth:`load`
         self.nonfinite: dict[str, dict] = {}
 
     def load(self) -> dict[str, str]:
