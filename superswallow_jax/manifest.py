@@ -307,9 +307,19 @@ def input_files(plan) -> dict[str, Path]:
 
 
 def hub_inputs(plan) -> dict[str, dict]:
-    """Every input given by Hugging Face id: model reference -> ``{repo_id, revision, commit}``
-    (``revision``: as the config asks, None for the default branch; ``commit``: what it resolved to)."""
-    return {m.key: m.hub.record() for m in sorted(plan.models, key=lambda m: m.key) if m.hub is not None}
+    """Every input given by Hugging Face id: model (or ``base+adapter`` adapter) reference ->
+    ``{repo_id, revision, commit}`` (``revision``: as the config asks, None for the default branch;
+    ``commit``: what it resolved to)."""
+    from .lora.reference import split_reference
+
+    out: dict[str, dict] = {}
+    for m in plan.models:
+        base, adapter = split_reference(m.key, "model")
+        if m.hub is not None:
+            out[base] = m.hub.record()
+        if m.adapter_hub is not None:
+            out[adapter] = m.adapter_hub.record()
+    return dict(sorted(out.items()))
 
 
 def pins(manifest: Mapping | None) -> dict[str, str]:

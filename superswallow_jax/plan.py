@@ -30,7 +30,7 @@ from .chat_template import resolve_chat_template
 from .config import MergeConfig, SliceSpec, SourceSpec
 from .dtypes import BY_CODE, FLOAT_CODES
 from .errors import ConfigError, PlanError, short
-from .io.model_dir import read_model_config, resolve_model, resolve_model_dir
+from .io.model_dir import read_model_config, resolve_model
 from .io.checkpoint import Checkpoint
 from .io.reader import TensorInfo
 from .io.writer import TensorSpec, assign_shards
@@ -61,6 +61,7 @@ class ModelInput:
     config: Mapping[str, Any]
     checkpoint: Checkpoint | AdaptedCheckpoint
     hub: HubSource | None = None  # for a Hugging Face id: repo, revision asked for, commit
+    adapter_hub: HubSource | None = None  # the same for a ``base+adapter`` reference's adapter given by id
 
     @property
     def adapter(self) -> Adapter | None:
@@ -271,10 +272,11 @@ def load_models(cfg: MergeConfig, aliases: Mapping[str, Path] | None = None,
             d, src = (Path(aliases[base]), None) if aliases and base in aliases else resolve_model(base, hub)
             conf = read_model_config(d)
             ckpt: Checkpoint | AdaptedCheckpoint = Checkpoint(d)
+            ad_src = None
             if adapter is not None:
-                ad = Adapter(adapter, resolve_model_dir(adapter, hub, "adapter"))
-                ckpt = AdaptedCheckpoint(ckpt, ad, conf, f"model {ref}")
-            out.append(ModelInput(ref, d, MappingProxyType(conf), ckpt, src))
+                ad_dir, ad_src = resolve_model(adapter, hub, "adapter")
+                ckpt = AdaptedCheckpoint(ckpt, Adapter(adapter, ad_dir), conf, f"model {ref}")
+            out.append(ModelInput(ref, d, MappingProxyType(conf), ckpt, src, ad_src))
     except BaseException:
         for m in out:
             m.checkpoint.close()

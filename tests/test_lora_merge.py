@@ -195,6 +195,7 @@ def test_adapter_by_hub_id_is_downloaded_adapter_files_only(workdir, tmp_path, m
     and an adapter missing from it is one line naming the adapter."""
     from superswallow_jax.errors import ModelError
     from superswallow_jax.io.hub import HubAccess
+    from superswallow_jax.verify import verify_folder
 
     from .hub_server import StandInHub
 
@@ -206,7 +207,7 @@ def test_adapter_by_hub_id_is_downloaded_adapter_files_only(workdir, tmp_path, m
     monkeypatch.chdir(workdir)
     cfg = parse_config((LORA / "configs" / "linear-r8.yaml").read_text().replace("./adapters/r8", "someone/lora-r8"))
     with StandInHub() as hub:
-        hub.add("someone/lora-r8", {**files, "README.md": b"# card\n", "training_args.bin": b"args"})
+        commit = hub.add("someone/lora-r8", {**files, "README.md": b"# card\n", "training_args.bin": b"args"})
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         with pytest.raises(ModelError, match="^adapter 'someone/lora-r8': .* not in the Hugging Face cache .*; downloads are off"):
             run_merge(cfg, tmp_path / "no", MergeOptions(seed=0, fsync=False), hub=HubAccess(offline=True))
@@ -214,6 +215,25 @@ def test_adapter_by_hub_id_is_downloaded_adapter_files_only(workdir, tmp_path, m
         run_merge(cfg, tmp_path / "out", MergeOptions(seed=0, fsync=False))
         got = sorted(p.rsplit("/", 1)[1] for p in hub.downloads())
         assert got == sorted(files), got
+        first = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())["hub_inputs"]
+        assert first == {"someone/lora-r8": {"repo_id": "someone/lora-r8", "revision": None, "commit": commit}}
+        # the adapter repo moves on: verify replays the recorded commit (from the cache), a new merge takes main
+        conf = json.loads(files["adapter_config.json"])
+        conf["lora_alpha"] = 2 * conf["lora_alpha"]
+        newer = hub.add("someone/lora-r8", {**files, "adapter_config.json": json.dumps(conf).encode()})
+        assert newer != commit
+        rep = verify_folder(cfg, tmp_path / "out")
+        assert rep.ok, [f.line() for f in rep.findings]
+        import shutil
+
+        shutil.rmtree(tmp_path / "hf")  # with an empty cache too: the recorded commit is downloaded
+        rep = verify_folder(cfg, tmp_path / "out")
+        assert rep.ok, [f.line() for f in rep.findings]
+        shutil.rmtree(tmp_path / "hf")  # (a cached main is used as it is, as for models: cache first)
+        run_merge(cfg, tmp_path / "moved", MergeOptions(seed=0, fsync=False))
+        moved = json.loads((tmp_path / "moved" / "merge_manifest.json").read_text())
+        assert moved["hub_inputs"]["someone/lora-r8"]["commit"] == newer
+        assert moved["model_digest"] != json.loads((tmp_path / "out" / "merge_manifest.json").read_text())["model_digest"]
     assert _sha(tmp_path / "out") == RECORD["configs"]["linear-r8.yaml"]["tensors"]
     run_merge(cfg, tmp_path / "again", MergeOptions(seed=0, fsync=False), hub=HubAccess(offline=True))
-    assert _sha(tmp_path / "again") == _sha(tmp_path / "out")
+    assert _sha(tmp_path / "again") == _sha(tmp_path / "moved")  # offline: what the cache holds now
