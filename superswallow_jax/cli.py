@@ -174,12 +174,16 @@ def merge(
                 res = one(recipe.final.config, out, opts, hub=hub)
         finally:
             bar.stop()
-        took = time.perf_counter() - t0
-        kept = f", {res.kept} kept from the interrupted run" if res.kept else ""
-        typer.echo(f"wrote {res.tensors} tensors ({_size(res.bytes_written)}{kept}) to {res.out_dir} in "
-                   f"{took:.1f} s ({_size(res.bytes_written / max(took, 1e-9))}/s)")
+        _say_written(res, time.perf_counter() - t0)
     except (SuperswallowError, OSError) as e:
         _fail(e)
+
+
+def _say_written(res, took: float) -> None:
+    """The last line of a merge: tensors, bytes, folder, time and rate."""
+    kept = f", {res.kept} kept from the interrupted run" if res.kept else ""
+    typer.echo(f"wrote {res.tensors} tensors ({_size(res.bytes_written)}{kept}) to {res.out_dir} in "
+               f"{took:.1f} s ({_size(res.bytes_written / max(took, 1e-9))}/s)")
 
 
 class _Bar:
