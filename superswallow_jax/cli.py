@@ -232,6 +232,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print the full plan as JSON"),
     tensors: bool = typer.Option(False, "--tensors", help="also list every output tensor with its sources and parameters"),
     shard_size: str = typer.Option("5B", help="max bytes per output shard"),
+    seed: int = typer.Option(0, min=0, help="the seed the merge will use (it is in every shard header, so it moves the byte offsets shown)"),
     out: Optional[Path] = typer.Option(None, "--out", help="multi-stage recipes: the OUT a merge would write (finished earlier stages beside it are planned from)"),
     offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
@@ -259,7 +260,7 @@ def plan(
         if recipe.multi:
             typer.echo(recipe_plan_text(recipe, out, parse_size(shard_size), as_json, tensors, hub))
             return
-        with build_plan(recipe.final.config, shard_size=parse_size(shard_size), hub=hub) as p:
+        with build_plan(recipe.final.config, shard_size=parse_size(shard_size), hub=hub, seed=seed) as p:
             typer.echo(dumps_plan(p) if as_json else "\n".join(plan_text(p, tensors)))
     except (SuperswallowError, OSError) as e:
         _fail(e)

@@ -16,7 +16,7 @@ temporaries -- a small multiple of ``--chunk-elems`` whatever the model size.
 
 Multi-process. :func:`init_distributed` starts JAX's multi-process runtime
 (``jax.distributed.initialize``). Processes never run collectives: the
-output shards are divided among them (:func:`assign_shards_to_processes`),
+output shards are divided among them (:func:`superswallow_jax.layout.assign_shards_to_processes`),
 each merges and writes its own, and they exchange small JSON messages
 (digests) through the runtime's key-value store.
 """
@@ -95,20 +95,6 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     else:
         jax.distributed.initialize()
     return ProcessInfo(jax.process_index(), jax.process_count())
-
-
-def assign_shards_to_processes(shard_bytes: Sequence[int], count: int) -> list[int]:
-    """Owner process of each output shard, balanced by bytes (deterministic).
-
-    Largest shard first, each to the least-loaded process (ties: lowest index).
-    """
-    load = [0] * count
-    owner = [0] * len(shard_bytes)
-    for i in sorted(range(len(shard_bytes)), key=lambda i: (-shard_bytes[i], i)):
-        p = min(range(count), key=lambda q: (load[q], q))
-        owner[i] = p
-        load[p] += shard_bytes[i]
-    return owner
 
 
 def distributed_active() -> bool:

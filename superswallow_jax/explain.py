@@ -79,9 +79,11 @@ def _param_tables(plan: Plan) -> list[str]:
     return lines
 
 
-def _tensor_lines(plan: Plan, s: Step) -> list[str]:
+def _tensor_lines(plan: Plan, s: Step, places: Mapping[str, Any]) -> list[str]:
     g = describe_params(s.params)
-    out = [f"{s.name} {list(s.shape)} {s.out_dtype} t={s.t:.4f}{' embed' if s.embed else ''}{'  ' + g if g else ''}"]
+    at = places[s.name]
+    out = [f"{s.name} {list(s.shape)} {s.out_dtype} t={s.t:.4f}{' embed' if s.embed else ''}{'  ' + g if g else ''}",
+           f"    -> {at.file} bytes [{at.begin}, {at.end})" + (f" (process {at.owner})" if plan.layout.processes > 1 else "")]
     for i, src in enumerate(s.sources):
         role = "base " if i == s.base else ""
         d = src.adapt.delta if src.adapt is not None else None
@@ -106,6 +108,8 @@ def _summary(plan: Plan) -> list[str]:
                    f"(padded {plan.tokenizer.padded_vocab_size})")
     out.append(f"{len(plan.steps)} tensors, {plan.total_input_bytes / 1e6:,.1f} MB in, "
                f"{plan.total_output_bytes / 1e6:,.1f} MB out, {len(plan.shards)} shard(s)")
+    for lay in plan.layout.files:
+        out.append(f"    {lay.filename}: {len(lay.offsets)} tensors, {lay.size:,} bytes ({len(lay.header):,} of header)")
     globals_: Mapping[str, Any] = plan.steps[0].params if plan.steps else {}
     if globals_:
         out.append(f"global parameters (first tensor): {describe_params(globals_)}")
@@ -116,8 +120,9 @@ def plan_text(plan: Plan, tensors: bool = False) -> list[str]:
     """The lines ``plan`` prints (see the module docstring)."""
     lines: list[str] = []
     if tensors:
+        places = plan.layout.places()
         for s in plan.steps:
-            lines += _tensor_lines(plan, s)
+            lines += _tensor_lines(plan, s, places)
         lines.append("")
     lines += _summary(plan)
     lines += _param_tables(plan)

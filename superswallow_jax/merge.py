@@ -57,7 +57,8 @@ def run_merge(cfg: MergeConfig, out_dir: Path, opts: MergeOptions = MergeOptions
     ``hub``: how Hugging Face ids may reach the Hub (cache first; downloads
     unless offline; progress), see :class:`~superswallow_jax.io.hub.HubAccess`.
     """
-    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases, hub=hub)
+    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases, hub=hub,
+                      seed=opts.seed, processes=procs.count)
     if on_plan is not None:
         on_plan(plan)
     output = Output(plan, out_dir, opts, procs, say or (lambda _line: None), stage)
@@ -162,6 +163,7 @@ def verify_stream(cfg: MergeConfig, opts: MergeOptions = MergeOptions(), select=
 
 def plan_summary(plan: Plan) -> dict:
     """A JSON-able description of the plan (used by ``superswallow plan --json``)."""
+    places = plan.layout.places()
     return {
         "merge_method": plan.method.name,
         "architecture": plan.arch.name,
@@ -169,10 +171,14 @@ def plan_summary(plan: Plan) -> dict:
         "base_model": plan.models[plan.base_model].key if plan.base_model is not None else None,
         "vocab_size": plan.out_config.get("vocab_size"),
         "shards": [list(s) for s in plan.shards],
+        "files": [{"name": lay.filename, "bytes": lay.size, "header_bytes": len(lay.header), "owner": o}
+                  for lay, o in zip(plan.layout.files, plan.layout.owners)],
         "steps": [
             {
                 "name": s.name, "shape": list(s.shape), "dtype": s.out_dtype, "work_dtype": s.work_dtype,
                 "t": s.t, "embed": s.embed, "params": dict(s.params),
+                "output": {"file": places[s.name].file, "offsets": [places[s.name].begin, places[s.name].end],
+                           "owner": places[s.name].owner},
                 "sources": [
                     {"model": plan.models[x.model].key, "tensor": x.tensor.name, "file": x.tensor.path.name,
                      "offsets": [x.tensor.begin, x.tensor.end], "params": dict(x.params), "base": i == s.base,

@@ -1,4 +1,4 @@
-"""The output of one merge: shard layout, staging folder, resume, manifest and commit.
+"""The output of one merge: staging folder, resume, manifest and commit (its layout is the plan's).
 
 :class:`Output` carries a plan's output through the protocol of
 :mod:`superswallow_jax.io.commit`: :meth:`Output.prepare` (lock, recovery,
@@ -29,33 +29,15 @@ from .extras import extra_files
 from .io import commit as cm
 from .io.reader import INDEX_NAME, SafetensorsFile
 from .io.resume import RECORD_DIR, DoneJournal, differs, read_record, verified_done, write_record
-from .io.writer import ShardedWriter, TensorSpec, index_json, plan_layout
+from .io.writer import ShardedWriter, index_json
 from .options import MergeOptions
 from .plan import Plan
 
-__all__ = ["Output", "output_metadata"]
+__all__ = ["Output"]
 
 #: Bytes reserved for the manifest and index beyond the small files (per tensor, plus a constant).
 _MANIFEST_PER_TENSOR = 400
 _MANIFEST_BASE = 1 << 20
-
-
-def output_metadata(plan: Plan, seed: int) -> dict[str, str]:
-    """safetensors ``__metadata__`` of every output shard: a bounded summary.
-
-    Only what is known before the first byte is written and does not grow
-    with the config: the method, seed, PRNG scheme and the normalized
-    config's digest. The config itself is in ``mergekit_config.yml`` and
-    ``merge_manifest.json``; digests of inputs and outputs in the manifest.
-    """
-    return {
-        "format": "pt",
-        "superswallow_jax": __version__,
-        "prng_scheme": prng.PRNG_SCHEME,
-        "seed": str(seed),
-        "merge_method": plan.method.name,
-        "config_sha256": mf.config_hash(plan.config.normalized),
-    }
 
 
 def _input_identity(plan: Plan) -> dict[str, list[int]]:
@@ -74,12 +56,12 @@ class Output:
         self.plan, self.opts, self.procs, self.say = plan, opts, procs, say
         self.out = Path(out_dir).expanduser().resolve()
         self.staging = cm.staging_path(self.out)
-        self.specs = [TensorSpec(s.name, s.out_dtype, s.shape) for s in plan.steps]
-        by_name = {s.name: s for s in self.specs}
-        self.layouts = plan_layout([[by_name[n] for n in shard] for shard in plan.shards],
-                                   output_metadata(plan, opts.seed))
-        owners = dv.assign_shards_to_processes([lay.size for lay in self.layouts], procs.count)
-        self.mine = [lay for lay, o in zip(self.layouts, owners) if o == procs.index]
+        lay = plan.layout
+        if lay is None or (lay.seed, lay.processes) != (opts.seed, procs.count):
+            raise ValueError("the plan's output layout was not made for this seed and process count")
+        self.specs = list(lay.specs)
+        self.layouts = list(lay.files)
+        self.mine = lay.mine(procs.index)
         self.record = {
             "superswallow_jax": __version__, "jax": jax.__version__, "prng_scheme": prng.PRNG_SCHEME,
             "config_sha256": mf.config_hash(plan.config.normalized), "options": opts.recorded(),

@@ -34,6 +34,8 @@ from .io.model_dir import read_model_config, resolve_model
 from .io.checkpoint import Checkpoint
 from .io.reader import TensorInfo
 from .io.writer import TensorSpec, assign_shards
+from .layout import OutputLayout, layout_output, output_metadata
+from .manifest import config_hash
 from .lora.adapted import AdaptedCheckpoint, Adaptation
 from .lora.adapter import Adapter
 from .registry import MethodSpec
@@ -135,6 +137,7 @@ class Plan:
     tokenizer: OutputTokenizer | None = None
     chat_template: str | None = None  # resolved template text to write, or None
     warnings: tuple[str, ...] = ()  # the config's own (ignored keys) and the plan's (filters that match nothing)
+    layout: OutputLayout | None = None  # every output file's name, header, offsets and owner process
 
     def close(self) -> None:
         """Close every model's open weight files."""
@@ -521,10 +524,12 @@ def _out_config(cfg: MergeConfig, donor: ModelInput, arch: Architecture, dtype: 
 
 def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, shard_size: int = 5_000_000_000,
                out_dtype: str | None = None, aliases: Mapping[str, Path] | None = None,
-               hub: HubAccess | None = None) -> Plan:
+               hub: HubAccess | None = None, seed: int = 0, processes: int = 1) -> Plan:
     """Build the full plan. ``out_dtype`` (a dtype code) overrides the config's;
     ``aliases`` maps model references to folders (a recipe's earlier stages);
-    ``hub``: how Hugging Face ids may reach the Hub (see :func:`load_models`)."""
+    ``hub``: how Hugging Face ids may reach the Hub (see :func:`load_models`);
+    ``seed`` and ``processes``: what the output layout is made for (the seed is
+    in every shard header; the shards are divided among the processes)."""
     models = tuple(models) if models is not None else load_models(cfg, aliases, hub)
     arch = resolve_architecture(
         [m.config for m in models], [list(m.checkpoint.tensors) for m in models], [m.key for m in models]
@@ -542,7 +547,10 @@ def build_plan(cfg: MergeConfig, models: Sequence[ModelInput] | None = None, sha
     chat = resolve_chat_template(cfg.chat_template, [m.dir for m in models])
     adapters = [w for m in models if m.adapter is not None for w in m.adapter.warnings]
     warnings = (*cfg.warnings, *adapters, *_unmatched_filters(cfg, steps))
-    return Plan(cfg, cfg.method, models, base_model, arch, tuple(steps), shards, out_cfg, tokens.output, chat, warnings)
+    meta = output_metadata(cfg.method.name, config_hash(cfg.normalized), seed)
+    layout = layout_output(specs, shards, meta, seed, processes)
+    return Plan(cfg, cfg.method, models, base_model, arch, tuple(steps), shards, out_cfg, tokens.output, chat, warnings,
+                layout)
 
 
 def _settings(cfg: MergeConfig):

@@ -28,14 +28,12 @@ from typing import Callable, Mapping
 from . import __version__
 from . import manifest as mf
 from .config import MergeConfig
-from .devices import ProcessInfo
 from .errors import ConfigError, ModelError
 from .extras import extra_files
 from .io.hub import HubAccess
 from .io.reader import INDEX_NAME
 from .io.writer import index_json
 from .options import MergeOptions
-from .output import Output
 from .plan import build_plan
 
 __all__ = ["Finding", "Report", "verify_folder", "verify_recipe"]
@@ -163,16 +161,17 @@ def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, selec
     rep = rep or Report()
     rep.seed = opts.seed
     hub = _pinned(hub, man)
-    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases, hub=hub)
+    plan = build_plan(cfg, shard_size=opts.shard_size, out_dtype=opts.out_dtype, aliases=aliases, hub=hub,
+                      seed=opts.seed)
     hub_inputs = mf.hub_inputs(plan)
     with plan:
         if select is not None and not any(select(s.name) for s in plan.steps):
             raise ConfigError("--tensors: the pattern matches no tensor of this merge")
-        o = Output(plan, out, opts, ProcessInfo(0, 1), lambda _line: None)
+        layouts = list(plan.layout.files)
         files = extra_files(plan, out.name)
-        files[INDEX_NAME] = index_json(o.layouts, o.specs, {"superswallow_jax": __version__})
+        files[INDEX_NAME] = index_json(layouts, plan.layout.specs, {"superswallow_jax": __version__})
     _check_files(out, files, rep)
-    _check_headers(out, o.layouts, rep)
+    _check_headers(out, layouts, rep)
     actual = mf.folder_digests(out, select)
     if against is not None:
         expected = mf.folder_digests(against, select)
@@ -184,7 +183,7 @@ def verify_folder(cfg: MergeConfig, out: Path, *, seed: int | None = None, selec
     for kind, names in (("MISMATCH", res.mismatched), ("MISSING", res.missing), ("EXTRA", res.extra)):
         for n in names:
             rep.add(kind, n)
-    all_files = {*files, *(lay.filename for lay in o.layouts), mf.MANIFEST_NAME}
+    all_files = {*files, *(lay.filename for lay in layouts), mf.MANIFEST_NAME}
     if man is None:
         rep.add("MISSING", mf.MANIFEST_NAME)
     else:
