@@ -96,17 +96,12 @@ class NonFiniteTally:
         with self._lock:
             steps = list(self._inputs)
             outputs = dict(self._outputs)
-        inputs: dict[str, dict[str, int]] = {}
-        for step in steps:
-            for m, ts in self.of_step(step).get("inputs", {}).items():
-                for t, n in ts.items():
-                    inputs.setdefault(m, {})[t] = max(n, inputs.get(m, {}).get(t, 0))
-        return {"inputs": {m: dict(sorted(ts.items())) for m, ts in sorted(inputs.items())},
-                "outputs": dict(sorted((t, n) for t, n in outputs.items() if n))}
+        return combine([{"inputs": self.of_step(s).get("inputs", {})} for s in steps] + [{"outputs": outputs}])
 
 
 def combine(records: list[Mapping]) -> dict:
-    """One record from several processes' :meth:`NonFiniteTally.record` (each tensor is one process's)."""
+    """One record from several (processes', or steps') records: an input tensor's largest count,
+    the sum of each output tensor's."""
     inputs: dict[str, dict[str, int]] = {}
     outputs: dict[str, int] = {}
     for r in records:
