@@ -268,8 +268,8 @@ def plan(
 
 @app.command("extract-lora")
 def extract_lora(
-    finetuned: str = typer.Argument(..., help="the fine-tuned model (folder or cached Hub id)"),
-    base: str = typer.Argument(..., help="its base model"),
+    finetuned: str = typer.Argument(..., help="the fine-tuned model (folder or Hugging Face id; an id not in the Hugging Face cache is downloaded into it)"),
+    base: str = typer.Argument(..., help="its base model (the same)"),
     out: Path = typer.Argument(..., help="the adapter folder to write"),
     rank: int = typer.Option(..., "--rank", help="the rank of every LoRA (the largest, with --rank-by-energy)"),
     modules: Optional[list[str]] = typer.Option(None, "--modules", help="only modules whose name matches this regular expression (repeatable; default: every linear layer)"),
@@ -281,6 +281,7 @@ def extract_lora(
     force: bool = typer.Option(False, help="replace an adapter already in OUT"),
     fsync: bool = typer.Option(True, help="fsync the files before renaming them into place"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="only the summary, not a line per tensor"),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
     """Factorise a fine-tune's difference from its base into a PEFT LoRA adapter (truncated SVD per tensor).
 
@@ -288,6 +289,7 @@ def extract_lora(
     (also in OUT/extract_report.json), then a summary."""
     from superswallow_jax.dtypes import config_code
     from superswallow_jax.errors import ConfigError, SuperswallowError
+    from superswallow_jax.io.hub import HubAccess
     from superswallow_jax.lora.extract import ExtractOptions, run_extract
 
     _streaming_setup()
@@ -305,7 +307,8 @@ def extract_lora(
             raise ConfigError(f"--dtype: unsupported dtype {dtype!r} (use float32, float16 or bfloat16)")
         opts = ExtractOptions(rank=rank, energy=rank_by_energy, modules=tuple(modules or ()), dtype=code, seed=seed,
                               iters=iters, skip_embeddings=skip_embeddings, force=force, fsync=fsync)
-        res = run_extract(finetuned, base, out, opts, on_tensor=line)
+        hub = HubAccess(offline=offline, say=lambda text: typer.echo(text, err=True))
+        res = run_extract(finetuned, base, out, opts, on_tensor=line, hub=hub)
     except (SuperswallowError, OSError) as e:
         _fail(e)
         return

@@ -225,3 +225,33 @@ def test_cli_summary_and_one_line_errors(tmp_path):
     inside = subprocess.run(cmd + [str(PUB / "llama" / "ad"), "--rank", "2"], capture_output=True, text=True)
     assert inside.returncode == 2 and "refusing to write over input model" in inside.stderr
     assert not (PUB / "llama" / "ad").exists()
+
+
+def test_models_by_hub_id_are_downloaded_unless_offline(tmp_path, monkeypatch):
+    """Both models by id from a stand-in hub: --offline with an empty cache is one line; online they are
+    downloaded and the adapter has the bytes of an extraction from the folders."""
+    from superswallow_jax.io.hub import HubAccess
+
+    from .hub_server import StandInHub
+
+    files = {m: {p.name: p.read_bytes() for p in (PUB / m).iterdir() if p.is_file()} for m in ("tulu", "llama")}
+    opts = ExtractOptions(rank=4, fsync=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("SUPERSWALLOW_MODEL_CACHE", raising=False)
+    with StandInHub() as hub:
+        for m, f in files.items():
+            hub.add(f"acme/{m}", f)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with pytest.raises(ModelError, match="^model 'acme/tulu': .*not in the Hugging Face cache .*--offline"):
+            run_extract("acme/tulu", "acme/llama", tmp_path / "no", opts, hub=HubAccess(offline=True))
+        assert hub.downloads() == []
+        run_extract("acme/tulu", "acme/llama", tmp_path / "by-id", opts)
+        assert hub.downloads()
+    run_extract(str(PUB / "tulu"), str(PUB / "llama"), tmp_path / "by-path", opts)
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "by-id" / name).read_bytes() == (tmp_path / "by-path" / name).read_bytes()
+    by_id, by_path = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("by-id", "by-path"))
+    assert by_id.pop("base_model_name_or_path") == "acme/llama"  # so PEFT finds the base by its id
+    by_path.pop("base_model_name_or_path")
+    assert by_id == by_path

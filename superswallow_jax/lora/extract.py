@@ -308,10 +308,13 @@ def _stage_files(staging: Path, result: ExtractResult, cfg: dict, opts: ExtractO
 
 
 def run_extract(finetuned: str, base: str, out: Path, opts: ExtractOptions,
-                on_tensor: Callable[[TensorReport, int, int], None] | None = None) -> ExtractResult:
-    """Extract the LoRA of ``finetuned`` over ``base`` (model references) into ``out`` (see the module docstring)."""
+                on_tensor: Callable[[TensorReport, int, int], None] | None = None, hub=None) -> ExtractResult:
+    """Extract the LoRA of ``finetuned`` over ``base`` (model references) into ``out`` (see the module docstring).
+
+    ``hub``: how models given by Hugging Face id may reach the Hub
+    (:class:`~superswallow_jax.io.hub.HubAccess`; default: the cache, else a download)."""
     opts.check()
-    ft_dir, base_dir = resolve_model_dir(finetuned), resolve_model_dir(base)
+    ft_dir, base_dir = resolve_model_dir(finetuned, hub), resolve_model_dir(base, hub)
     out = Path(out).expanduser().resolve()
     _refuse_inputs(out, [ft_dir, base_dir])
     ft_conf, base_conf = read_model_config(ft_dir), read_model_config(base_dir)
