@@ -30,6 +30,19 @@ def _ta(m: dict, params: str = "weight: 1.0", method: str = "task_arithmetic", e
             f"merge_method: {method}\nbase_model: {m['llama']}\ndtype: bfloat16\n{extra}")
 
 
+def _poison(shard: Path, name: str) -> None:
+    """Set 3 elements of tensor ``name`` in safetensors file ``shard`` to NaN and 2 to Inf."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(shard)
+    w = tensors[name].copy()
+    w.reshape(-1)[:3] = np.nan
+    w.reshape(-1)[3:5] = np.inf
+    tensors[name] = w
+    save_file(tensors, shard)
+
+
 def cases(m: dict, w: Path) -> list[tuple[str, list[str]]]:
     def cfg(name: str, text: str) -> str:
         p = w / f"{name}.yaml"
@@ -82,6 +95,11 @@ def cases(m: dict, w: Path) -> list[tuple[str, list[str]]]:
     f.write_text("x")
     out.append(("model path is a file", ["merge", cfg("file", _ta(m).replace(str(m["tulu"]), str(f))), str(w / "o17")]))
     out.append(("tokenizer_source: unoin", ["merge", cfg("unoin", _ta(m, extra="tokenizer_source: unoin\n")), str(w / "o18")]))
+    d = copy("tulu", "nan")
+    name = "model.layers.0.mlp.up_proj.weight"
+    shard = d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][name]
+    _poison(shard, name)
+    out.append(("NaN and Inf in an input", ["merge", cfg("nan", _ta(m).replace(str(m["tulu"]), str(d))), str(w / "o19")]))
     ok = cfg("ok", _ta(m))
     subprocess.run([str(ROOT / ".venv" / "bin" / "superswallow"), "merge", ok, str(w / "ref"), "-q"], check=True)
     out.append(("verify --tensors nothing", ["verify", ok, str(w / "ref"), "--tensors", "no_such"]))
