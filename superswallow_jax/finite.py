@@ -118,14 +118,18 @@ def warnings(record: Mapping, limit: int = 8) -> list[str]:
     """Lines for the user: each model's and the output's non-finite values, at most ``limit`` tensors each."""
     lines = []
     for m, ts in record.get("inputs", {}).items():
-        lines.append(f"warning: model {m}: {sum(ts.values())} NaN/Inf values in {len(ts)} tensors: {_some(ts, limit)}")
+        lines.append(f"warning: model {m}: {sum(ts.values())} NaN/Inf values in {_tensors(len(ts))}: {_some(ts, limit)}")
     outs = record.get("outputs", {})
     if outs:
-        lines.append(f"warning: the output has {sum(outs.values())} NaN/Inf values in {len(outs)} tensors: "
+        lines.append(f"warning: the output has {sum(outs.values())} NaN/Inf values in {_tensors(len(outs))}: "
                      f"{_some(outs, limit)}")
     if lines:
         lines.append("warning: the counts are in merge_manifest.json under nonfinite")
     return lines
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
 
 
 def _some(counts: Mapping[str, int], limit: int) -> str:

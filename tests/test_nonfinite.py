@@ -65,7 +65,7 @@ def test_tally_counts_a_chunk_read_twice_once_and_combines_processes():
     both = finite.combine([rec, {"inputs": {"m": {"w": 1}, "n": {"v": 4}}, "outputs": {"v": 4}}])
     assert both == {"inputs": {"m": {"w": 3}, "n": {"v": 4}}, "outputs": {"v": 4, "w": 3}}
     lines = finite.warnings(both, limit=1)
-    assert lines[0] == "warning: model m: 3 NaN/Inf values in 1 tensors: w (3)"
+    assert lines[0] == "warning: model m: 3 NaN/Inf values in 1 tensor: w (3)"
     assert lines[2] == "warning: the output has 7 NaN/Inf values in 2 tensors: v (4) and 1 more"
     assert finite.warnings({"inputs": {}, "outputs": {}}) == []
 
@@ -123,7 +123,7 @@ def test_merge_reports_input_and_output_nonfinite_values(poisoned, tmp_path, met
     assert counts[0] == counts[1]
     if method == "linear":
         assert counts[0]["outputs"] == {NAME: 5}
-    assert any(line.startswith(f"warning: model {poisoned['tulu']}: 5 NaN/Inf values in 1 tensors") for line in said)
+    assert any(line.startswith(f"warning: model {poisoned['tulu']}: 5 NaN/Inf values in 1 tensor") for line in said)
 
 
 def test_clean_inputs_record_nothing_and_say_nothing(poisoned, tmp_path):
@@ -140,7 +140,7 @@ def test_cli_prints_the_warning_and_exits_0(poisoned, tmp_path):
     cfg.write_text(_cfg(poisoned, "linear"))
     res = CliRunner().invoke(app, ["merge", str(cfg), str(tmp_path / "o"), "--no-fsync"])
     assert res.exit_code == 0, res.output
-    assert f"warning: the output has 5 NaN/Inf values in 1 tensors: {NAME} (5)" in res.output
+    assert f"warning: the output has 5 NaN/Inf values in 1 tensor: {NAME} (5)" in res.output
 
 
 def test_a_resumed_merge_keeps_the_counts_of_the_tensors_it_kept(poisoned, tmp_path):
