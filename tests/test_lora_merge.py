@@ -211,6 +211,8 @@ def test_adapter_by_hub_id_is_downloaded_adapter_files_only(workdir, tmp_path, m
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         with pytest.raises(ModelError, match="^adapter 'someone/lora-r8': .* not in the Hugging Face cache .*; downloads are off"):
             run_merge(cfg, tmp_path / "no", MergeOptions(seed=0, fsync=False), hub=HubAccess(offline=True))
+        with pytest.raises(ModelError, match="^adapter 'someone/lora-r8': .*plan reads only cached adapters"):
+            build_plan(cfg, hub=HubAccess(download=False))  # what `plan` does
         assert hub.downloads() == []
         run_merge(cfg, tmp_path / "out", MergeOptions(seed=0, fsync=False))
         got = sorted(p.rsplit("/", 1)[1] for p in hub.downloads())
