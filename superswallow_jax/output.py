@@ -70,6 +70,7 @@ class Output:
         }
         self.resume = False
         self.lock: cm.OutputLock | None = None
+        self._extras: dict[str, bytes] | None = None
 
     # ---------------------------------------------------------------- prepare
 
@@ -124,7 +125,7 @@ class Output:
 
     def _space(self) -> None:
         need = _MANIFEST_BASE + _MANIFEST_PER_TENSOR * len(self.specs)
-        need += sum(len(v) for v in extra_files(self.plan, self.out.name).values())
+        need += sum(len(v) for v in self._small_files().values())
         for lay in self.layouts:
             p = self.staging / lay.filename
             have = p.stat().st_blocks * 512 if self.resume and p.is_file() else 0
@@ -153,6 +154,13 @@ class Output:
             self.say(f"resume: {len(kept)} finished tensors kept, {len(self.plan.steps) - len(kept)} to merge")
         return w, journal, kept
 
+    def _small_files(self) -> dict[str, bytes]:
+        """:func:`~superswallow_jax.extras.extra_files`, made once (the free-space check and the commit
+        both need them, and encoding a big tokenizer.json is not free)."""
+        if self._extras is None:
+            self._extras = extra_files(self.plan, self.out.name)
+        return self._extras
+
     # ---------------------------------------------------------------- commit
 
     def commit(self, manifest: dict) -> list[Path]:
@@ -161,7 +169,7 @@ class Output:
             dv.barrier("superswallow/shards-written")
             if not self.procs.is_main:
                 return []
-        files = extra_files(self.plan, self.out.name)
+        files = dict(self._small_files())
         files[INDEX_NAME] = index_json(self.layouts, self.specs, {"superswallow_jax": __version__})
         manifest["files"] = sorted([*files, *(lay.filename for lay in self.layouts), mf.MANIFEST_NAME])
         if self.opts.digests:
