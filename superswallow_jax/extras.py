@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import ModelError
 from .io import model_dir as md
+from .io.commit import json_bytes
 from .plan import Plan
 
 __all__ = ["COPY_FILES", "MAX_COPIED_BYTES", "TOKENIZER_FILES", "extra_files"]
@@ -24,10 +25,6 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 TOKENIZER_FILES = md.TOKENIZER_FILES
 #: A donor file larger than this is refused (tokenizer.json of a 256K vocabulary is about 20 MB).
 MAX_COPIED_BYTES = 512 << 20
-
-
-def _json(obj: object) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _read(path: Path) -> bytes:
@@ -59,7 +56,7 @@ def _tokenizer(plan: Plan, donor: Path) -> dict[str, bytes]:
         except (ValueError, RecursionError):
             raise ModelError(f"{donor / 'tokenizer_config.json'}: not valid JSON") from None
         tcfg["chat_template"] = plan.chat_template
-        out["tokenizer_config.json"] = _json(tcfg)
+        out["tokenizer_config.json"] = json_bytes(tcfg)
     return out
 
 
@@ -77,7 +74,7 @@ def _card(plan: Plan, out_name: str) -> bytes:
 def extra_files(plan: Plan, out_name: str) -> dict[str, bytes]:
     """The output folder's small files by name (``out_name`` titles the model card)."""
     donor = plan.models[plan.base_model if plan.base_model is not None else 0].dir
-    files = {"config.json": _json(dict(plan.out_config))}
+    files = {"config.json": json_bytes(dict(plan.out_config))}
     files.update(_tokenizer(plan, donor))
     files["README.md"] = _card(plan, out_name)
     files["mergekit_config.yml"] = plan.config.text.encode("utf-8")

@@ -14,7 +14,6 @@ staging folder (a shared filesystem); process 0 prepares and commits.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -176,7 +175,7 @@ class Output:
             for name, data in files.items():
                 manifest["files_sha256"][name] = mf.bytes_sha256(data)
             manifest["files_sha256"] = dict(sorted(manifest["files_sha256"].items()))
-        files[mf.MANIFEST_NAME] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        files[mf.MANIFEST_NAME] = cm.json_bytes(manifest)
         for name, data in files.items():
             cm.write_bytes(self.staging / name, data)
             if self.opts.fsync:

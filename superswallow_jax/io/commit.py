@@ -87,6 +87,11 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def json_bytes(obj: object) -> bytes:
+    """How every JSON file of an output folder is written: 2-space indent, UTF-8 as is, a final newline."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write a small file; an OS error (disk full, ...) becomes one line naming the file."""
     try:

@@ -28,12 +28,12 @@ Output vocabulary (:func:`build_output_tokenizer`)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import OutputError, TokenizerError
+from ..io.commit import json_bytes
 from .load import _LIST_ATTRS, _SPECIAL_ATTRS, ModelTokenizer, _json_copy, _special_values, _Vocab
 from .overrides import TokenOverride
 
@@ -243,15 +243,11 @@ def tokenizer_files(tok: OutputTokenizer, chat_template: str | None) -> dict[str
             out["tokenizer.model"] = Path(tok.sentencepiece_model).read_bytes()
         except OSError as e:
             raise TokenizerError(f"{tok.sentencepiece_model}: cannot read: {e.strerror or e}") from None
-    out["tokenizer.json"] = _json_bytes(tok.tokenizer_json)
-    out["tokenizer_config.json"] = _json_bytes(cfg)
+    out["tokenizer.json"] = json_bytes(tok.tokenizer_json)
+    out["tokenizer_config.json"] = json_bytes(cfg)
     if tok.special_tokens_map is not None:
-        out["special_tokens_map.json"] = _json_bytes(tok.special_tokens_map)
+        out["special_tokens_map.json"] = json_bytes(tok.special_tokens_map)
     return out
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def write_tokenizer(out_dir: Path, tok: OutputTokenizer, chat_template: str | None) -> list[Path]:
